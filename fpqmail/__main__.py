@@ -1,0 +1,3 @@
+from fpqmail.queue import main
+
+main()
