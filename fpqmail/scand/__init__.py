@@ -1,0 +1,1 @@
+"""fpqmail-scand, the Mail Scanner daemon, and fpqmail-quarantine, its tool."""
