@@ -1,0 +1,127 @@
+"""A private, real clamd (Debian's clamav-daemon) for the tests.
+
+Each instance runs from its own temp directory with a tiny signature database of its
+own (no official database, no network), listens on a unix socket and on a free TCP
+port of 127.0.0.1, and is stopped by its PID with TERM. StreamMaxLength is small so the
+size-limit path can be tested with a few MB.
+
+Import the fixture into a test module: `from clamd_fixtures import clamd`.
+"""
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+CLAMD = "/usr/sbin/clamd"
+EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+# A second body signature, so tests can tell threats apart and use a non-EICAR one.
+MARKER = b"FPQMAIL-TEST-MARKER-7f3a9c2e-do-not-deliver"
+# An exact-file (MD5) signature: clamd reports it only for exactly these bytes.
+HDB_FILE = b"fp-qmail test file matched by its MD5 digest\n"
+STREAM_MAX = 2 * 1024 * 1024
+
+
+class Clamd:
+    def __init__(self, directory):
+        self.dir = directory
+        self.unix_socket = os.path.join(directory, "clamd.sock")
+        self.tcp_port = _free_port()
+        self.process = None
+
+    @property
+    def unix_spec(self):
+        return f"clamd:{self.unix_socket}"
+
+    @property
+    def tcp_spec(self):
+        return f"clamd:127.0.0.1:{self.tcp_port}"
+
+    def start(self):
+        db = os.path.join(self.dir, "db")
+        tmp = os.path.join(self.dir, "tmp")
+        os.makedirs(db)
+        os.makedirs(tmp)
+        with open(os.path.join(db, "fpqmail-test.ndb"), "w") as f:
+            f.write(f"Fpqmail-Test-Eicar:0:*:{EICAR.hex()}\n")
+            f.write(f"Fpqmail-Test-Marker:0:*:{MARKER.hex()}\n")
+        with open(os.path.join(db, "fpqmail-test.hdb"), "w") as f:
+            f.write(f"{hashlib.md5(HDB_FILE).hexdigest()}:{len(HDB_FILE)}:Fpqmail-Test-Md5\n")
+        conf = os.path.join(self.dir, "clamd.conf")
+        with open(conf, "w") as f:
+            f.write("\n".join([
+                "Foreground yes",
+                f"DatabaseDirectory {db}",
+                f"LocalSocket {self.unix_socket}",
+                f"TCPSocket {self.tcp_port}",
+                "TCPAddr 127.0.0.1",
+                f"TemporaryDirectory {tmp}",
+                f"PidFile {os.path.join(self.dir, 'clamd.pid')}",
+                f"LogFile {os.path.join(self.dir, 'clamd.log')}",
+                f"StreamMaxLength {STREAM_MAX}",
+                "SelfCheck 0",
+                "",
+            ]))
+        self.process = subprocess.Popen([CLAMD, "--foreground", f"--config-file={conf}"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not self._answers_ping():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"clamd exited {self.process.returncode}: "
+                                   + self.process.stderr.read().decode(errors="replace") + self.log())
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("clamd did not answer PING within 60 s: " + self.log())
+            time.sleep(0.02)
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process:
+            self.process.stderr.close()
+
+    def log(self):
+        try:
+            with open(os.path.join(self.dir, "clamd.log"), errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def _answers_ping(self):
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(1)
+                s.connect(self.unix_socket)
+                s.sendall(b"zPING\0")
+                return s.recv(16) == b"PONG\0"
+        except OSError:
+            return False
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def clamd(tmp_path_factory):
+    """A running private clamd (module-imported fixtures are one instance per module)."""
+    if not os.path.exists(CLAMD):
+        pytest.fail(f"{CLAMD} is missing: run scripts/install-deps (installs clamav-daemon)")
+    directory = tmp_path_factory.mktemp("clamd")
+    instance = Clamd(str(directory))
+    instance.start()
+    yield instance
+    instance.stop()
+    shutil.rmtree(directory, ignore_errors=True)
