@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -62,9 +63,11 @@ class Result:
 
 
 def standin_executable(directory):
-    """The stand-in with this test run's interpreter in its #! line."""
+    """The stand-in, behind a sh that notes which signals it inherited as ignored
+    (Python would ignore SIGPIPE itself before the stand-in could look)."""
     path = Path(directory) / "qmail-queue.orig"
-    path.write_text("#!%s -S\n%s" % (sys.executable, (TESTS / "qmail_queue_standin.py").read_text()))
+    path.write_text('#!/bin/sh\nQQ_SIGIGN=$(sed -n "s/^SigIgn:\\t//p" /proc/$$/status) exec %s -S %s\n'
+                    % (sys.executable, TESTS / "qmail_queue_standin.py"))
     path.chmod(0o755)
     return path
 
@@ -77,6 +80,22 @@ def read_deliveries(directory):
         out.append((msg.read_bytes(), base.with_suffix(".env").read_bytes(),
                     json.loads(base.with_suffix(".json").read_text())))
     return out
+
+
+def wait_with_rusage(proc, timeout):
+    """Like Popen.wait, but also returns the child's rusage (peak RSS across its exec).
+    Returns a negative code for a child killed by a signal, as Popen does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, rusage
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        time.sleep(0.005)
 
 
 class Rig:
@@ -121,7 +140,7 @@ class Rig:
         proc = subprocess.Popen(
             command or fp_qmail_command(), stdin=subprocess.PIPE if stdin is None else stdin,
             stdout=env_r, stderr=subprocess.PIPE, env=environment, cwd=str(self.root),
-            preexec_fn=child_setup, pass_fds=(fd6_w,) if fd6_w is not None else ())
+            preexec_fn=child_setup, close_fds=False)  # else fd 6, made in child_setup, is closed
         os.close(env_r)
         if fd6_w is not None:
             os.close(fd6_w)
@@ -132,8 +151,6 @@ class Rig:
             readers.append(threading.Thread(target=lambda: fd6_text.append(os.read(fd6_r, 4096))))
         for t in readers:
             t.start()
-        if after_start:
-            after_start(proc)
 
         def feed():
             try:
@@ -150,19 +167,19 @@ class Rig:
 
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
+        if after_start:
+            after_start(proc)
         try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
+            code, rusage = wait_with_rusage(proc, timeout)
         finally:
             for t in readers:
                 t.join(10)
             if fd6_r is not None:
                 os.close(fd6_r)
-        return Result(code, b"".join(stderr).decode("utf-8", "replace"),
-                      b"".join(fd6_text) if fd6 else None, read_deliveries(self.queue_dir))
+        result = Result(code, b"".join(stderr).decode("utf-8", "replace"),
+                        b"".join(fd6_text) if fd6 else None, read_deliveries(self.queue_dir))
+        result.maxrss_kb = rusage.ru_maxrss
+        return result
 
     def leftovers(self):
         return sorted(p.name for p in self.tmpdir.iterdir())

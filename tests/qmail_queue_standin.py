@@ -72,8 +72,8 @@ def main():
     global partial
     state = {
         "fds": sorted(int(n) for n in os.listdir("/proc/self/fd")),
-        "sigpipe_default": signal.getsignal(signal.SIGPIPE) == signal.SIG_DFL,
-        "sigxfsz_default": signal.getsignal(signal.SIGXFSZ) == signal.SIG_DFL,
+        # the signals ignored at exec, as the wrapping sh saw them (Python ignores some itself)
+        "ignored_signals": [n for n in range(1, 64) if int(os.environ["QQ_SIGIGN"], 16) >> (n - 1) & 1],
         "uid": os.getuid(), "euid": os.geteuid(), "cwd": os.getcwd(),
         "fd0_offset": os.lseek(0, 0, os.SEEK_CUR),
         "alarm_pending": signal.alarm(0),  # an alarm fp-qmail forgot survives the exec
