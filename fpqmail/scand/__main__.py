@@ -1,0 +1,3 @@
+from fpqmail.scand.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""fpqmail-scand's command line. Runs in the foreground, as supervise, runit and
+systemd expect; logs to syslog (facility mail) and stderr.
+
+Exit codes: 0 stopped by SIGTERM/SIGINT (or --check passed), 1 cannot listen,
+2 bad command line or configuration.
+"""
+
+import argparse
+import sys
+
+from . import log, settings
+from .log import logger
+
+EXIT_LISTEN = 1
+EXIT_CONFIG = 2
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog="fpqmail-scand",
+        description="The Mail Scanner daemon fp-qmail talks to (docs/scand.md). Every option "
+                    "overrides the FP_SCAND_* setting named in brackets from the config file.")
+    p.add_argument("--config", metavar="FILE",
+                   help=f"sh-syntax settings file (default {settings.DEFAULT_CONFIG}, optional; "
+                        "given here, it must exist)")
+    p.add_argument("--listen", metavar="ADDR", help="host:port, [ipv6]:port or /unix/socket (FP_SCAND_LISTEN)")
+    p.add_argument("--engine", metavar="SPEC", action="append",
+                   help="builtin, clamd:ENDPOINT[,ENDPOINT...] or fpscand:HOST:PORT; repeat to "
+                        "chain engines (FP_SCAND_ENGINES)")
+    p.add_argument("--quarantine", metavar="DIR", help="keep infected originals here (FP_SCAND_QUARANTINE)")
+    p.add_argument("--backup", metavar="DIR", help="keep every original here (FP_SCAND_BACKUP)")
+    p.add_argument("--tmpdir", metavar="DIR", help="fp-qmail's temp directory (FP_SCAND_TMPDIR)")
+    p.add_argument("--workers", metavar="N", help="concurrent scans (FP_SCAND_WORKERS)")
+    p.add_argument("--queue", metavar="N", help="requests waiting for a worker (FP_SCAND_QUEUE)")
+    p.add_argument("--timeout", metavar="SECONDS", help="per-request time limit (FP_SCAND_TIMEOUT)")
+    p.add_argument("--loglevel", metavar="0-7", help="syslog priority to log up to (FP_SCAND_LOGLEVEL)")
+    p.add_argument("--check", action="store_true",
+                   help="check the configuration and the engines, print the settings, exit")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    overrides = {
+        "FP_SCAND_LISTEN": args.listen,
+        "FP_SCAND_ENGINES": " ".join(args.engine) if args.engine else None,
+        "FP_SCAND_QUARANTINE": args.quarantine,
+        "FP_SCAND_BACKUP": args.backup,
+        "FP_SCAND_TMPDIR": args.tmpdir,
+        "FP_SCAND_WORKERS": args.workers,
+        "FP_SCAND_QUEUE": args.queue,
+        "FP_SCAND_TIMEOUT": args.timeout,
+        "FP_SCAND_LOGLEVEL": args.loglevel,
+    }
+    config = args.config or settings.DEFAULT_CONFIG
+
+    def load():
+        loaded = settings.load(config, overrides, required=args.config is not None)
+        for line, problem in loaded.problems:
+            logger.warning("%s line %d skipped: %s", config, line, problem)
+        return loaded
+
+    log.setup("fpqmail-scand", int(settings.DEFAULTS["FP_SCAND_LOGLEVEL"]))
+    try:
+        current = load()
+        log.set_level(current.loglevel)
+        from .server import Server, build_runtime
+        runtime = build_runtime(current)
+    except settings.SettingsError as e:
+        logger.error("configuration: %s", e)
+        return EXIT_CONFIG
+    if args.check:
+        for s in settings.TABLE:
+            print(f"{s.key}={current.raw[s.key]}")
+        return 0
+    try:
+        server = Server(current, runtime, load)
+    except OSError as e:
+        logger.error("%s", e.strerror or e)
+        return EXIT_LISTEN
+    return server.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

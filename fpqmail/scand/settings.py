@@ -1,0 +1,183 @@
+"""The daemon's settings: every one of them, its default and its meaning, in one table.
+
+A setting comes from (later wins) this table, the config file (sh syntax, FP_SCAND_*
+keys, default /etc/f-prot.conf, read with fpqmail.shconf) and the command line.
+docs/scand.md shows the same table to administrators; keep the two in step.
+The engines read their own FP_SCAND_* keys (docs/scand-settings.md) from the same file.
+"""
+
+import os
+from dataclasses import dataclass
+
+from fpqmail import shconf
+from fpqmail.queue import DEFAULTS as CLIENT_DEFAULTS
+
+DEFAULT_CONFIG = "/etc/f-prot.conf"
+CONFIG_MAX = 1 << 20
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    default: str
+    help: str
+
+
+TABLE = (
+    Setting("FP_SCAND_LISTEN", "127.0.0.1:11200",
+            "where to listen: host:port, [ipv6]:port or an absolute unix socket path"),
+    Setting("FP_SCAND_ENGINES", "builtin",
+            "engines, separated by spaces; a message is clean only if every one says so"),
+    Setting("FP_SCAND_TMPDIR", "",
+            "the only directory whose fi/fo files are served and cleaned; "
+            "empty: FP_QMAIL_TMPDIR from the same file, else /tmp"),
+    Setting("FP_SCAND_WORKERS", "8", "requests scanned at the same time"),
+    Setting("FP_SCAND_QUEUE", "32",
+            "accepted requests that wait for a worker; past that the reply is ERROR busy"),
+    Setting("FP_SCAND_TIMEOUT", "90",
+            "seconds a request may take from accept to reply (then ERROR); keep it "
+            "below fp-qmail's FP_QMAIL_TIMEOUT so that fp-qmail hears why"),
+    Setting("FP_SCAND_QUARANTINE", "", "directory for infected originals; empty: none kept"),
+    Setting("FP_SCAND_BACKUP", "", "directory for a copy of every message; empty: none kept"),
+    Setting("FP_SCAND_JANITOR_INTERVAL", "60", "seconds between two sweeps for stale temp files"),
+    Setting("FP_SCAND_STALE_AGE", "600",
+            "seconds after its last change that an fi/fo file counts as left behind; "
+            "must exceed FP_SCAND_TIMEOUT and FP_QMAIL_TIMEOUT"),
+    Setting("FP_SCAND_SOCKET_MODE", "0666",
+            "permissions of the unix socket (fp-qmail runs as qmailq and must connect)"),
+    Setting("FP_SCAND_LOGLEVEL", "6", "syslog priorities 0 (emerg) .. 7 (debug) to log; 6 logs every message"),
+)
+DEFAULTS = {s.key: s.default for s in TABLE}
+# Settings a running daemon cannot change on SIGHUP: they shape its sockets and threads.
+RESTART_ONLY = ("FP_SCAND_LISTEN", "FP_SCAND_WORKERS", "FP_SCAND_QUEUE", "FP_SCAND_SOCKET_MODE")
+
+
+class SettingsError(Exception):
+    """A configuration mistake; the message names the file or key and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str
+    engines: tuple[str, ...]
+    tmpdir: str
+    workers: int
+    queue: int
+    timeout: float
+    quarantine: str
+    backup: str
+    janitor_interval: float
+    stale_age: float
+    socket_mode: int
+    loglevel: int
+    raw: dict          # every key of the file plus the effective FP_SCAND_* values
+    problems: tuple    # (line, text) the config parser skipped
+
+
+def load(config_path, overrides, required=False) -> Settings:
+    """The effective settings: defaults < config file < overrides (from the command
+    line, FP_SCAND_* keys). A missing config file is fine unless `required`."""
+    values, problems = read_config(config_path, required)
+    raw = dict(values)
+    for key, default in DEFAULTS.items():
+        raw.setdefault(key, default)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    if not raw["FP_SCAND_TMPDIR"]:
+        raw["FP_SCAND_TMPDIR"] = values.get("FP_QMAIL_TMPDIR") or CLIENT_DEFAULTS["FP_QMAIL_TMPDIR"]
+    settings = Settings(
+        listen=_listen(raw, "FP_SCAND_LISTEN"),
+        engines=tuple(raw["FP_SCAND_ENGINES"].split()),
+        tmpdir=_directory(raw, "FP_SCAND_TMPDIR"),
+        workers=_number(raw, "FP_SCAND_WORKERS", 1, 1024),
+        queue=_number(raw, "FP_SCAND_QUEUE", 0, 100000),
+        timeout=_number(raw, "FP_SCAND_TIMEOUT", 1, 86400, float),
+        quarantine=_optional_directory(raw, "FP_SCAND_QUARANTINE"),
+        backup=_optional_directory(raw, "FP_SCAND_BACKUP"),
+        janitor_interval=_number(raw, "FP_SCAND_JANITOR_INTERVAL", 0.1, 86400, float),
+        stale_age=_number(raw, "FP_SCAND_STALE_AGE", 1, 86400 * 30, float),
+        socket_mode=_mode(raw, "FP_SCAND_SOCKET_MODE"),
+        loglevel=_number(raw, "FP_SCAND_LOGLEVEL", 0, 7),
+        raw=raw,
+        problems=tuple(problems),
+    )
+    if not settings.engines:
+        raise SettingsError("FP_SCAND_ENGINES: no engine given")
+    raw.setdefault("FP_QMAIL_TIMEOUT", CLIENT_DEFAULTS["FP_QMAIL_TIMEOUT"])
+    client_timeout = _number(raw, "FP_QMAIL_TIMEOUT", 1, 86400, float)
+    if settings.stale_age <= max(settings.timeout, client_timeout):
+        raise SettingsError(
+            f"FP_SCAND_STALE_AGE={raw['FP_SCAND_STALE_AGE']} must exceed the longest scan: "
+            f"FP_SCAND_TIMEOUT={settings.timeout:g} and FP_QMAIL_TIMEOUT={client_timeout:g}")
+    return settings
+
+
+def read_config(path, required):
+    """(values, problems) of the sh-syntax config file; ({}, []) if it is absent."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(CONFIG_MAX + 1)
+    except FileNotFoundError:
+        if required:
+            raise SettingsError(f"{path}: no such file") from None
+        return {}, []
+    except OSError as e:
+        raise SettingsError(f"{path}: cannot read: {e.strerror}") from None
+    if len(data) > CONFIG_MAX:
+        raise SettingsError(f"{path}: larger than {CONFIG_MAX} bytes")
+    return shconf.parse(data.decode("utf-8", "replace"))
+
+
+def _number(raw, key, low, high, kind=int):
+    text = raw[key].strip()
+    try:
+        value = kind(text)
+    except ValueError:
+        raise SettingsError(f"{key}={text!r}: not a number") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{key}={text!r}: must be between {low} and {high}")
+    return value
+
+
+def _mode(raw, key):
+    text = raw[key].strip()
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise SettingsError(f"{key}={text!r}: not an octal mode like 0660") from None
+    if not 0 <= value <= 0o777:
+        raise SettingsError(f"{key}={text!r}: not a permission mode")
+    return value
+
+
+def _directory(raw, key):
+    value = raw[key]
+    if not os.path.isabs(value) or not value.isprintable() or not value.isascii():
+        raise SettingsError(f"{key}={value!r}: must be an absolute path of printable ASCII")
+    return value.rstrip("/") or "/"
+
+
+def _optional_directory(raw, key):
+    return _directory(raw, key) if raw[key] else ""
+
+
+def _listen(raw, key):
+    value = raw[key].strip()
+    try:
+        parse_address(value)
+    except ValueError as e:
+        raise SettingsError(f"{key}={value!r}: {e}") from None
+    return value
+
+
+def parse_address(text):
+    """'/path' -> (AF_UNIX, path); 'host:port' / '[v6]:port' -> (AF_INET[6], (host, port))."""
+    import socket
+    if text.startswith("/"):
+        return socket.AF_UNIX, text
+    host, sep, port = text.rpartition(":")
+    family = socket.AF_INET
+    if host.startswith("[") and host.endswith("]"):
+        family, host = socket.AF_INET6, host[1:-1]
+    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError("expected host:port, [ipv6]:port or an absolute unix socket path")
+    return family, (host, int(port))
