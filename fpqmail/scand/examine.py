@@ -9,6 +9,7 @@ replaced by a short text/plain notice. Nothing else is re-encoded or refolded.
 from . import mime
 
 HEADER_WIDTH = 78
+MAX_THREAT = 200  # characters; file names can be long, header lines must not be
 
 
 class Examined:
@@ -46,7 +47,8 @@ class Examined:
         text = "X-Antivirus: scanned by fp-qmail (" + ", ".join(self.engines) + ")"
         if self.status != "clean":
             items = self.threats + (["removed"] if self.status == "cleaned" else [])
-            text += "; infected: " + _fold(items, len(text) + len("; infected: "), newline)
+            text += "; infected:"
+            text += _fold(items, len(text), newline)
         return text.encode("ascii") + newline
 
 
@@ -159,18 +161,21 @@ def _notice(part, infected_leaves, newline):
 
 
 def _printable(text):
-    return "".join(c if " " <= c <= "~" else "?" for c in text)
+    """A threat for the X-Antivirus header and the reply: printable ASCII, bounded."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return text if len(text) <= MAX_THREAT else text[:MAX_THREAT - 3] + "..."
 
 
 def _fold(items, column, newline):
-    """items joined by ", ", folded before an item that would pass HEADER_WIDTH."""
+    """ " item1, item2, ..." folded (newline + tab) before an item that would pass
+    HEADER_WIDTH, so no header line grows long however many threats there are."""
     out = ""
     for k, item in enumerate(items):
-        piece = item if k == 0 else ", " + item
-        if k and column + len(piece) > HEADER_WIDTH:
-            out += "," + newline.decode() + "\t" + item
-            column = 1 + len(item)
+        token = item + ("," if k + 1 < len(items) else "")
+        if column + 1 + len(token) > HEADER_WIDTH:
+            out += newline.decode() + "\t" + token
+            column = 1 + len(token)
         else:
-            out += piece
-            column += len(piece)
+            out += " " + token
+            column += 1 + len(token)
     return out

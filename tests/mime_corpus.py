@@ -1,0 +1,249 @@
+"""A MIME corpus built in code, with the ground truth the tests check against.
+
+Builders return a Built: the bytes, and where the infected parts sit. A part is
+"infected" when the test put a threat into it; its span is the byte range examine()
+must replace (a body part between two delimiter lines, or the message/rfc822 part that
+wraps an infected single-part message). A threat at the top level cannot be separated.
+Everything else must come out byte for byte.
+"""
+
+import base64
+import binascii
+import io
+import zipfile
+from dataclasses import dataclass, field
+
+EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+CRLF, LF = b"\r\n", b"\n"
+
+
+@dataclass
+class Built:
+    data: bytes
+    spans: list = field(default_factory=list)   # [(start, end)] of infected separable parts
+    infected_self: bool = False                 # the threat is in this entity's own body
+
+    @property
+    def expected_status(self):
+        if self.infected_self:
+            return "infected"
+        return "cleaned" if self.spans else "clean"
+
+
+def leaf(body, nl=CRLF, ctype="text/plain; charset=us-ascii", encoding="7bit", filename=None,
+         infected=None, extra=()):
+    """A body part; body is encoded as `encoding` says. infected: override the guess
+    (the test's EICAR anywhere in body)."""
+    headers = [b"Content-Type: " + ctype.encode()]
+    if encoding != "7bit" or filename:
+        headers.append(b"Content-Transfer-Encoding: " + encoding.encode())
+    if filename:
+        headers.append(b'Content-Disposition: attachment; filename="' + filename.encode() + b'"')
+    headers += list(extra)
+    encoded = encode(body, encoding, nl)
+    if infected is None:
+        infected = carries_threat(body)
+    return Built(nl.join(headers) + nl + nl + encoded, [], infected)
+
+
+def encode(body, encoding, nl):
+    if encoding == "base64":
+        lines = base64.encodebytes(body).splitlines()
+        return nl.join(lines) + (nl if lines else b"")
+    if encoding == "quoted-printable":
+        return binascii.b2a_qp(body).replace(b"\n", nl)
+    return body
+
+
+def multipart(parts, nl=CRLF, subtype="mixed", boundary="=_fpq_boundary_1", preamble=b"",
+              epilogue=b"", close=True, extra=()):
+    head = [b'Content-Type: multipart/' + subtype.encode() + b'; boundary="' + boundary.encode() + b'"']
+    head += list(extra)
+    out = nl.join(head) + nl + nl
+    if preamble:
+        out += preamble + nl
+    spans = []
+    delimiter = b"--" + boundary.encode()
+    for k, part in enumerate(parts):
+        out += delimiter + nl
+        start = len(out)
+        out += part.data
+        spans += [(start + s, start + e) for s, e in part.spans]
+        if part.infected_self:
+            spans.append((start, start + len(part.data)))
+        if close or k + 1 < len(parts):  # without a close delimiter the last part runs to the end
+            out += nl
+    if close:
+        out += delimiter + b"--" + nl + epilogue
+    return Built(out, spans, False)
+
+
+def rfc822(inner, nl=CRLF):
+    """A message/rfc822 part holding the message `inner` (a Built from message())."""
+    head = b"Content-Type: message/rfc822" + nl + b"Content-Disposition: attachment" + nl + nl
+    return Built(head + inner.data, [(len(head) + s, len(head) + e) for s, e in inner.spans],
+                 inner.infected_self)
+
+
+def message(entity, nl=CRLF, subject=b"test", extra=()):
+    """A whole message: qmail-like top headers, then the entity's headers and body."""
+    head = [b"Received: (qmail 4242 invoked by uid 1000); 25 Nov 2026 10:00:00 -0000",
+            b"From: Alice <alice@example.org>", b"To: bob@example.net",
+            b"Subject: " + subject, b"Date: Wed, 25 Nov 2026 10:00:00 +0000",
+            b"Message-ID: <corpus@example.org>", b"MIME-Version: 1.0", *extra]
+    top = nl.join(head) + nl
+    return Built(top + entity.data, [(len(top) + s, len(top) + e) for s, e in entity.spans],
+                 entity.infected_self)
+
+
+def carries_threat(data):
+    """Whether data holds EICAR, as it is or inside a (nested) zip."""
+    if EICAR in data:
+        return True
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return any(carries_threat(archive.read(name)) for name in archive.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def zip_of(members):
+    """A deflated zip of {name: bytes}."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return out.getvalue()
+
+
+def text_and_attachment(attachment, nl=CRLF, filename="report.pdf"):
+    return message(multipart([
+        leaf(b"Hello Bob," + nl + b"see the attachment." + nl, nl),
+        leaf(attachment, nl, "application/octet-stream", "base64", filename),
+    ], nl), nl)
+
+
+def corpus():
+    """{name: Built}: the cases every examine test runs over."""
+    cases = {}
+    for tag, nl in (("crlf", CRLF), ("lf", LF)):
+        cases[f"plain-{tag}"] = message(leaf(b"Just text." + nl + b"Bye." + nl, nl), nl)
+        cases[f"attachment-clean-{tag}"] = text_and_attachment(b"%PDF-1.4 harmless" * 50, nl)
+        cases[f"attachment-eicar-{tag}"] = text_and_attachment(EICAR, nl, "eicar.com")
+        cases[f"zip-eicar-{tag}"] = text_and_attachment(
+            zip_of({"readme.txt": b"nothing here", "eicar.com": EICAR}), nl, "invoice.zip")
+        cases[f"single-eicar-{tag}"] = message(leaf(b"look: " + EICAR + nl, nl), nl)
+    nl = CRLF
+    cases["nested-alternative"] = message(multipart([
+        multipart([leaf(b"plain version" + nl, nl), leaf(b"<p>html version</p>" + nl, nl, "text/html")],
+                  nl, "alternative", "=_fpq_alt"),
+        leaf(zip_of({"a/b/c.com": EICAR}), nl, "application/zip", "base64", "nested.zip"),
+        leaf(b"trailing clean part" + nl, nl),
+    ], nl, preamble=b"This is a multi-part message in MIME format.", epilogue=b"bye" + nl), nl)
+    cases["infected-inside-alternative"] = message(multipart([
+        multipart([leaf(b"plain" + nl, nl), leaf(EICAR, nl, "application/octet-stream", "base64", "x.bin")],
+                  nl, "alternative", "=_fpq_alt2"),
+        leaf(b"clean sibling" + nl, nl),
+    ], nl), nl)
+    forwarded = message(multipart([
+        leaf(b"inner text" + nl, nl),
+        leaf(EICAR, nl, "application/octet-stream", "base64", "inner.com"),
+    ], nl, boundary="=_fpq_inner"), nl, b"inner")
+    cases["rfc822-multipart"] = message(multipart([leaf(b"forwarding" + nl, nl), rfc822(forwarded, nl)], nl), nl)
+    cases["rfc822-single"] = message(multipart([
+        leaf(b"forwarding" + nl, nl),
+        rfc822(message(leaf(b"inner body " + EICAR + nl, nl), nl, b"inner"), nl),
+        leaf(b"after" + nl, nl),
+    ], nl), nl)
+    cases["digest"] = message(multipart([
+        message(leaf(b"digest entry one" + nl, nl), nl, b"one"),
+        message(leaf(EICAR + nl, nl), nl, b"two"),
+    ], nl, "digest"), nl)
+    cases["quoted-printable"] = message(multipart([
+        leaf(b"caf\xe9 " + EICAR + b"  " + nl, nl, "text/plain; charset=iso-8859-1", "quoted-printable"),
+        leaf(b"clean" + nl, nl),
+    ], nl), nl)
+    cases["eight-bit"] = message(multipart([
+        leaf(b"Gr\xfc\xdfe, \xe9t\xe9 \xff\x80 raw 8-bit" + nl, nl, "text/plain; charset=iso-8859-1", "8bit"),
+        leaf(EICAR, nl, "application/octet-stream", "base64", "eicar.com"),
+    ], nl), nl)
+    cases["two-infected"] = message(multipart([
+        leaf(EICAR, nl, "application/octet-stream", "base64", "one.com"),
+        leaf(b"middle" + nl, nl),
+        leaf(zip_of({"two.com": EICAR}), nl, "application/zip", "base64", "two.zip"),
+    ], nl), nl)
+    cases["encoded-filenames"] = message(multipart([
+        leaf(b"names" + nl, nl),
+        leaf(EICAR, nl, "application/octet-stream", "base64", None,
+             extra=[b"Content-Disposition: attachment; filename*=UTF-8''r%C3%A9sum%C3%A9.com"]),
+        leaf(EICAR, nl, "application/octet-stream; name=\"=?UTF-8?B?w6l0w6kuY29t?=\"", "base64"),
+    ], nl), nl)
+    cases["mixed-line-endings"] = message(multipart([
+        leaf(b"lf body\nline two\n", LF),
+        leaf(EICAR, LF, "application/octet-stream", "base64", "lf.com"),
+    ], LF), CRLF)
+    cases["folded-8bit-headers"] = message(leaf(b"body" + nl, nl), nl,
+                                          b"a very long subject that is" + nl + b"\tfolded \xe4\xf6\xfc", )
+    cases["headers-only"] = Built(b"Received: x" + nl + b"Subject: no body" + nl)
+    cases["empty"] = Built(b"")
+    # Broken MIME
+    unclosed = multipart([leaf(b"first" + nl, nl), leaf(EICAR, nl, "application/octet-stream", "base64", "u.com")],
+                         nl, close=False)
+    cases["unclosed-multipart"] = message(unclosed, nl)
+    no_boundary = Built(b"Content-Type: multipart/mixed" + nl + nl + b"--x" + nl + nl + EICAR + nl + b"--x--" + nl,
+                        [], True)
+    cases["multipart-without-boundary"] = message(no_boundary, nl)
+    threat_in_header = message(multipart([leaf(b"clean" + nl, nl), leaf(b"clean too" + nl, nl)], nl), nl,
+                               b"subject " + EICAR)
+    cases["eicar-in-header"] = Built(threat_in_header.data, [], True)
+    preamble = message(multipart([leaf(b"clean" + nl, nl)], nl, preamble=EICAR), nl)
+    cases["eicar-in-preamble"] = Built(preamble.data, [], True)
+    return cases
+
+
+def split_header(output):
+    """(the X-Antivirus header examine() added, the rest) of an output message."""
+    assert output.startswith(b"X-Antivirus: scanned by fp-qmail (")
+    pos = 0
+    while True:
+        nl = output.index(b"\n", pos)
+        pos = nl + 1
+        if output[pos:pos + 1] not in (b" ", b"\t"):
+            return output[:pos], output[pos:]
+
+
+def check_output(output, built, status):
+    """The output is the added header, then the original with exactly the infected
+    spans replaced by text/plain notices; every other byte identical. Returns the
+    notices (bytes)."""
+    import email
+    header, rest = split_header(output)
+    original = built.data
+    newline = CRLF if (original.find(b"\n") > 0 and original[original.find(b"\n") - 1:original.find(b"\n")] == b"\r") else LF
+    assert all(line.endswith(newline) for line in header.splitlines(keepends=True)), header
+    assert all(32 <= c < 127 or c in b"\r\n\t" for c in header), header
+    if status != "cleaned":
+        assert rest == original, "the original must follow the header byte for byte"
+        return []
+    notices = []
+    spans = sorted(built.spans)
+    pos_o = pos_r = 0
+    for k, (start, end) in enumerate(spans):
+        kept = original[pos_o:start]
+        assert rest[pos_r:pos_r + len(kept)] == kept, f"bytes before infected part {k} changed"
+        pos_r += len(kept)
+        following = original[end:spans[k + 1][0] if k + 1 < len(spans) else len(original)]
+        if k + 1 < len(spans):
+            j = rest.find(following, pos_r)
+        else:
+            assert rest.endswith(following), "bytes after the last infected part changed"
+            j = len(rest) - len(following)
+        assert j >= pos_r
+        notices.append(rest[pos_r:j])
+        pos_r, pos_o = j, end
+    assert rest[pos_r:] == original[pos_o:]
+    for notice in notices:
+        part = email.message_from_bytes(notice)
+        assert part.get_content_type() == "text/plain"
+        assert b"removed" in part.get_payload(decode=True)
+    return notices
