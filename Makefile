@@ -6,9 +6,17 @@ PYTHON ?= python3
 deps:
 	scripts/install-deps
 
+# The whole suite, against the Nuitka binary build/fp-qmail.dist/fp-qmail (what CI runs).
+test: deps build
+	FPQMAIL_UNDER_TEST=binary $(PYTHON) -m pytest -q
+
 # The whole suite, against fp-qmail run as `python -m fpqmail`.
-test: deps
+test-py: deps
 	$(PYTHON) -m pytest -q
+
+# fp-qmail as a Nuitka standalone binary: build/fp-qmail.dist/ (build.py says how and why).
+build: deps
+	$(PYTHON) build.py
 
 clean:
 	rm -rf build dist .pytest_cache .hypothesis
