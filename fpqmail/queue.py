@@ -513,12 +513,14 @@ def scan_and_queue(fd6):
     it never returns: qmail-queue.orig replaces this process."""
     global loglevel, log_stderr, alarm_code
     setuid = posix.getuid() != posix.geteuid() or posix.getgid() != posix.getegid()
+    # Until the settings are read, a failure to read them is logged as the environment says.
+    log_stderr = posix.environ.get(b"FP_QMAIL_LOG_STDERR") in (b"yes", b"1", b"true")
     settings, problems = load_settings(setuid)
+    log_stderr = flag(settings, "FP_QMAIL_LOG_STDERR")
     value = settings["FP_QMAIL_LOGLEVEL"]
     if not (len(value) == 1 and "0" <= value <= "7"):
         raise config_error("FP_QMAIL_LOGLEVEL", value, "must be 0..7")
     loglevel = int(value)
-    log_stderr = flag(settings, "FP_QMAIL_LOG_STDERR")
     for path, line, problem in problems:
         log(syslog.LOG_WARNING, "%s line %d skipped: %s" % (path, line, printable(problem)))
     endpoints = scanner_endpoints(settings)

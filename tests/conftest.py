@@ -62,12 +62,13 @@ class Result:
             self.code, self.fd6_text, len(self.delivered), self.stderr[-2000:])
 
 
-def standin_executable(directory):
+def standin_executable(directory, python=sys.executable):
     """The stand-in, behind a sh that notes which signals it inherited as ignored
-    (Python would ignore SIGPIPE itself before the stand-in could look)."""
+    (Python would ignore SIGPIPE itself before the stand-in could look). `sh -p` keeps
+    the effective uid a setuid fp-qmail passes on, as the real (C) qmail-queue would."""
     path = Path(directory) / "qmail-queue.orig"
-    path.write_text('#!/bin/sh\nQQ_SIGIGN=$(sed -n "s/^SigIgn:\\t//p" /proc/$$/status) exec %s -S %s\n'
-                    % (sys.executable, TESTS / "qmail_queue_standin.py"))
+    path.write_text('#!/bin/sh -p\nQQ_SIGIGN=$(sed -n "s/^SigIgn:\\t//p" /proc/$$/status) exec %s -S %s\n'
+                    % (python, TESTS / "qmail_queue_standin.py"))
     path.chmod(0o755)
     return path
 
