@@ -162,15 +162,15 @@ def _contents(fd, size, mappable):
     if size == 0:
         yield b""
     elif not mappable:
-        data = bytearray(size)
-        with memoryview(data) as view:
-            done = 0
-            while done < size:
-                n = os.readv(fd, [view[done:]])
-                if n == 0:
-                    raise Refused("In was truncated while it was read")
-                done += n
-        yield data
+        parts = []
+        done = 0
+        while done < size:
+            part = os.read(fd, size - done)
+            if not part:
+                raise Refused("In was truncated while it was read")
+            parts.append(part)
+            done += len(part)
+        yield parts[0] if len(parts) == 1 else b"".join(parts)
     else:
         mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         try:

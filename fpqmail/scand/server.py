@@ -333,9 +333,11 @@ class Server:
 
     def _close_listener(self):
         if self._unix_path:
+            path, identity = self._unix_path
             try:  # remove the socket's name only if it is still ours
-                if os.lstat(self._unix_path).st_ino == os.fstat(self._listener.fileno()).st_ino:
-                    os.unlink(self._unix_path)
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) == identity:
+                    os.unlink(path)
             except OSError:
                 pass
         self._listener.close()
@@ -374,8 +376,9 @@ class Server:
 
 
 def _listen(settings):
-    """The bound, listening socket, and the unix socket path if it is one."""
+    """The bound, listening socket, and for a unix socket (path, (st_dev, st_ino))."""
     family, address = parse_address(settings.listen)
+    unix = None
     backlog = max(128, settings.workers + settings.queue)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -383,6 +386,8 @@ def _listen(settings):
             _remove_stale_socket(address)
             sock.bind(address)
             os.chmod(address, settings.socket_mode)
+            st = os.lstat(address)
+            unix = (address, (st.st_dev, st.st_ino))
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
@@ -390,7 +395,7 @@ def _listen(settings):
     except OSError as e:
         sock.close()
         raise OSError(e.errno, f"cannot listen on {settings.listen}: {e.strerror}") from None
-    return sock, address if family == socket.AF_UNIX else None
+    return sock, unix
 
 
 def _remove_stale_socket(path):

@@ -32,7 +32,7 @@ TABLE = (
             "the only directory whose fi/fo files are served and cleaned; "
             "empty: FP_QMAIL_TMPDIR from the same file, else /tmp"),
     Setting("FP_SCAND_WORKERS", "8", "requests scanned at the same time"),
-    Setting("FP_SCAND_QUEUE", "32",
+    Setting("FP_SCAND_QUEUE", "100",
             "accepted requests that wait for a worker; past that the reply is ERROR busy"),
     Setting("FP_SCAND_TIMEOUT", "90",
             "seconds a request may take from accept to reply (then ERROR); keep it "
