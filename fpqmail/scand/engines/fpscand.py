@@ -62,8 +62,7 @@ def _scan_on(sock, data, name):
             if not line.endswith(b"\n"):
                 raise EngineError("connection closed in a reply" if len(line) <= MAX_LINE else "reply line too long")
             lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
-            match = _REPLY.fullmatch(lines[-1])
-            if match and match.group(3) == name:
+            if _result(lines[-1], name).group(3) == name:
                 break  # the line for the stream itself comes last
             if len(lines) > MAX_LINES:
                 raise EngineError("too many reply lines")
@@ -79,12 +78,8 @@ def parse_reply(lines, name):
     object was not scanned completely or a line is not a result line."""
     threats, trouble = [], []
     for line in lines:
-        match = _REPLY.fullmatch(line)
-        if not match or not (match.group(3) == name or match.group(3).startswith(name + "->")):
-            raise EngineError(f"unexpected reply {line[:200]!r}")
+        match = _result(line, name)
         code, text = int(match.group(1)), match.group(2)
-        if code > 255:
-            raise EngineError(f"unexpected reply {line[:200]!r}")
         if code & INFECTED:
             # "infected: EICAR_Test_File" -> "EICAR_Test_File"
             threats.append(text.partition(": ")[2].strip() or text.strip() or "unnamed")
@@ -95,3 +90,13 @@ def parse_reply(lines, name):
     if trouble:
         raise EngineError("not scanned: " + "; ".join(trouble))
     return []
+
+
+def _result(line, name):
+    """The match of a result line about stream `name` (or a member of it); EngineError
+    for anything else, at once rather than waiting for a line that will not come."""
+    match = _REPLY.fullmatch(line)
+    if (not match or int(match.group(1)) > 255
+            or not (match.group(3) == name or match.group(3).startswith(name + "->"))):
+        raise EngineError(f"unexpected reply {line[:200]!r}")
+    return match
