@@ -81,15 +81,21 @@ def main():
     outdir = os.environ["QQ_STANDIN_DIR"]
     name = "%d-%d" % (time.time_ns(), os.getpid())
     partial = os.path.join(outdir, "." + name + ".msg")
-    with open(partial, "wb") as out:  # streamed: tests send 100 MB messages
-        while True:
-            try:
-                chunk = os.read(0, 1 << 20)
-            except OSError:
-                die(54)
-            if not chunk:
-                break
-            out.write(chunk)
+    # Streamed through one buffer: tests send 100 MB messages and measure peak memory.
+    buf = bytearray(1 << 16)
+    view = memoryview(buf)
+    out = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    while True:
+        try:
+            n = os.readv(0, [buf])
+        except OSError:
+            die(54)
+        if not n:
+            break
+        done = 0
+        while done < n:
+            done += os.write(out, view[done:n])
+    os.close(out)
     envelope = read_envelope(1)
     if os.environ.get("QQ_STANDIN_HANG"):
         time.sleep(3600)
