@@ -1,0 +1,126 @@
+"""Issue 3's acceptance with a real clamd (Debian's, private signatures): fp-qmail
+processes -> fpqmail-scand -> clamd, into the strict qmail-queue stand-in."""
+
+import base64
+import io
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+from clamd_fixtures import EICAR, Clamd, clamd  # noqa: F401
+from conftest import REPO, read_deliveries
+from scand_fixtures import start_scand  # noqa: F401
+from test_scand import TEMPORARY, connect
+
+HEADER = b"X-Antivirus: scanned by fp-qmail (clamd)\n"
+
+
+def zipped(name, data):
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(name, data)
+    return out.getvalue()
+
+
+# The message in three pieces: the zip attachment's part (between its delimiter lines)
+# and what comes before and after it, which must come out byte-identical.
+BEFORE = (b"Received: from mx.example.org (1.2.3.4) by example.net\r\n"
+          b"From: Alice <alice@example.org>\r\nTo: bob@example.net\r\nSubject: invoice\r\n"
+          b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"=-outer\"\r\n\r\n"
+          b"preamble\r\n--=-outer\r\n"
+          b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+          b"Hello Bob, the invoice =E2=82=AC 12.\r\n"
+          b"--=-outer\r\n")
+ZIP_PART = (b"Content-Type: application/zip; name=\"invoice.zip\"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n"
+            b"Content-Disposition: attachment; filename=\"invoice.zip\"\r\n\r\n"
+            + base64.encodebytes(zipped("invoice.com", EICAR)).replace(b"\n", b"\r\n"))
+AFTER = (b"--=-outer\r\nContent-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+         b"Gr\xfc\xdfe, 8-bit kept as is\r\n--=-outer--\r\nepilogue\r\n")
+INFECTED = BEFORE + ZIP_PART + AFTER
+
+
+def quarantine_tool(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "fpqmail.scand.quarantine_tool", *map(str, args)],
+                          capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})))
+
+
+def test_eicar_in_a_zip_attachment_is_cut_out_quarantined_and_released_intact(rig, start_scand, clamd, tmp_path):
+    qdir = tmp_path / "q"
+    connect(rig, start_scand(rig.tmpdir, engines=(clamd.unix_spec,), quarantine=qdir))
+    r = rig.run(INFECTED)
+    assert r.code == 0, r
+    [(delivered, _, _)] = r.delivered
+    # the added header, then every byte but the zip part's as it was
+    header, _, rest = delivered.partition(b"\r\nReceived: ")
+    assert header.startswith(b"X-Antivirus: scanned by fp-qmail (clamd); infected:")
+    assert b"in invoice.zip" in header and header.endswith(b"removed")
+    rest = b"Received: " + rest
+    assert rest.startswith(BEFORE) and rest.endswith(AFTER)
+    notice = rest[len(BEFORE):-len(AFTER)]
+    assert notice.startswith(b"Content-Type: text/plain; charset=utf-8\r\n")
+    assert b'removed the attachment "invoice.zip"' in notice and b"UEsDB" not in notice
+    # the quarantine holds the original; release hands it back byte for byte
+    listing = quarantine_tool("--dir", qdir, "list").stdout.decode()
+    [entry] = [line.split("\t")[0] for line in listing.splitlines()]
+    assert quarantine_tool("--dir", qdir, "export", entry).stdout == INFECTED
+    for f in rig.queue_dir.iterdir():
+        f.unlink()
+    released = quarantine_tool("--dir", qdir, "release", entry,
+                               env={"FP_QMAIL_QUEUE": str(rig.queue), "QQ_STANDIN_DIR": str(rig.queue_dir)})
+    assert released.returncode == 0, released.stderr
+    [(message, envelope, _)] = read_deliveries(rig.queue_dir)
+    assert message == INFECTED and envelope == b"Falice@example.org\0Tbob@example.net\0\0"
+
+
+def test_clamd_stopped_means_temporary_failure_nothing_delivered_tmpdir_empty(rig, start_scand, tmp_path):
+    own = Clamd(str(tmp_path / "clamd"))
+    os.mkdir(own.dir)
+    own.start()
+    try:
+        daemon = connect(rig, start_scand(rig.tmpdir, engines=(own.unix_spec,)))
+        assert rig.run(INFECTED).code == 0  # it works while clamd runs
+        for f in rig.queue_dir.iterdir():
+            f.unlink()
+    finally:
+        own.stop()
+    for message in (INFECTED, b"Received: x\nSubject: clean\n\nhello\n"):
+        r = rig.run(message)
+        assert r.code in TEMPORARY and r.delivered == [], r
+    assert rig.leftovers() == []
+    assert "engine failure" in daemon.log()
+    shutil.rmtree(own.dir, ignore_errors=True)
+
+
+def test_200_runs_16_at_a_time_are_delivered_intact_or_tempfailed(rig, start_scand, clamd, tmp_path):
+    # A tight daemon (2 workers, 1 waiting) so that some runs meet "busy" too.
+    daemon = connect(rig, start_scand(rig.tmpdir, engines=(clamd.unix_spec,), args=["--workers", "2", "--queue", "1"]))
+    messages = [b"Received: from client%d by example.net\nMessage-ID: <%d.%s@example.org>\nSubject: run %d\n\n%s\n"
+                % (n, n, os.urandom(8).hex().encode(), n, os.urandom(300 * (n % 7 + 1)).hex().encode())
+                for n in range(200)]
+
+    def one(n):
+        queue = tmp_path / f"queue{n}"
+        queue.mkdir()
+        r = rig.run(messages[n], env={"QQ_STANDIN_DIR": str(queue)}, timeout=120)
+        return r.code, read_deliveries(queue), r
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(200)))
+    delivered = tempfailed = 0
+    for message, (code, deliveries, r) in zip(messages, results):
+        if code == 0:
+            [(got, envelope, _)] = deliveries
+            assert got == HEADER + message and envelope == b"Falice@example.org\0Tbob@example.net\0\0"
+            delivered += 1
+        else:
+            assert code in TEMPORARY and deliveries == [], r
+            tempfailed += 1
+    assert delivered + tempfailed == 200 and delivered > 0
+    assert rig.leftovers() == []
+    busy = daemon.log().count("answered ERROR busy")
+    print(f"200 runs, 16 at a time: {delivered} delivered intact, {tempfailed} tempfailed ({busy} busy)")
+    assert tempfailed == busy  # nothing failed but for the deliberate overload
