@@ -56,7 +56,7 @@ def encode(body, encoding, nl):
 
 
 def multipart(parts, nl=CRLF, subtype="mixed", boundary="=_fpq_boundary_1", preamble=b"",
-              epilogue=b"", close=True, extra=()):
+              epilogue=b"", close=True, extra=(), padding=b""):
     head = [b'Content-Type: multipart/' + subtype.encode() + b'; boundary="' + boundary.encode() + b'"']
     head += list(extra)
     out = nl.join(head) + nl + nl
@@ -65,7 +65,7 @@ def multipart(parts, nl=CRLF, subtype="mixed", boundary="=_fpq_boundary_1", prea
     spans = []
     delimiter = b"--" + boundary.encode()
     for k, part in enumerate(parts):
-        out += delimiter + nl
+        out += delimiter + padding + nl
         start = len(out)
         out += part.data
         spans += [(start + s, start + e) for s, e in part.spans]
@@ -74,7 +74,7 @@ def multipart(parts, nl=CRLF, subtype="mixed", boundary="=_fpq_boundary_1", prea
         if close or k + 1 < len(parts):  # without a close delimiter the last part runs to the end
             out += nl
     if close:
-        out += delimiter + b"--" + nl + epilogue
+        out += delimiter + b"--" + padding + nl + epilogue
     return Built(out, spans, False)
 
 
@@ -198,6 +198,23 @@ def corpus():
     cases["eicar-in-header"] = Built(threat_in_header.data, [], True)
     preamble = message(multipart([leaf(b"clean" + nl, nl)], nl, preamble=EICAR), nl)
     cases["eicar-in-preamble"] = Built(preamble.data, [], True)
+    cases["part-without-headers"] = message(multipart([
+        leaf(b"first" + nl, nl), Built(nl + b"no header at all " + EICAR + nl, [], True)], nl), nl)
+    cases["garbage-header-line"] = message(multipart([
+        Built(b"Content-Type: text/plain" + nl + b"this is not a header" + nl + EICAR + nl, [], True),
+        leaf(b"fine" + nl, nl)], nl), nl)
+    sloppy = base64.b64encode(EICAR).rstrip(b"=")
+    cases["sloppy-base64"] = message(multipart([
+        leaf(b"text" + nl, nl),
+        Built(b"Content-Type: application/octet-stream" + nl + b"Content-Transfer-Encoding: BASE64" + nl
+              + b"Content-Disposition: attachment;" + nl + b"\tfilename=sloppy.com" + nl + nl
+              + sloppy[:30] + b" !" + nl + sloppy[30:] + nl, [], True)], nl), nl)
+    cases["transport-padding"] = message(multipart([
+        leaf(b"padded" + nl, nl), leaf(EICAR, nl, "application/octet-stream", "base64", "pad.com")],
+        nl, padding=b" \t "), nl)
+    cases["boundary-prefix-line"] = message(multipart([
+        leaf(b"--=_fpq_boundary_1X is not a delimiter" + nl + b"--=_fpq_boundary_1 either, here" + nl, nl),
+        leaf(EICAR, nl, "application/octet-stream", "base64", "real.com")], nl), nl)
     return cases
 
 

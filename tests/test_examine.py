@@ -168,6 +168,30 @@ def test_broken_zip_is_scanned_as_bytes(builtin):
     assert builtin.scan(broken + EICAR) == ["EICAR-Test-File"]
 
 
+def test_nesting_past_the_limit_is_infected(builtin):
+    entity = leaf(b"innermost, clean" + CRLF)
+    for depth in range(60):
+        entity = multipart([entity], boundary=f"=_fpq_level_{depth}")
+    result, _ = run(message(entity), [builtin])
+    assert result.status == "infected"
+    assert result.threats == ["MIME-Nesting-Limit-Exceeded"]
+    entity = leaf(b"innermost, clean" + CRLF)
+    for depth in range(40):
+        entity = multipart([entity], boundary=f"=_fpq_level_{depth}")
+    assert run(message(entity), [builtin])[0].status == "clean"
+
+
+def test_threat_left_after_removal_makes_it_infected(builtin):
+    # The attachment is removable, but the same threat also sits in a header: removing
+    # the part does not make the message clean, and both findings are named.
+    built = text_and_attachment(EICAR, filename="e.com")
+    data = built.data.replace(b"Subject: test", b"Subject: " + EICAR)
+    result, output = run(data, [builtin])
+    assert result.status == "infected"
+    assert result.threats == ["EICAR-Test-File in e.com", "EICAR-Test-File"]
+    assert split_header(output)[1] == data
+
+
 def test_bad_settings_are_value_errors():
     with pytest.raises(ValueError, match="FP_SCAND_ZIP_MAX_SIZE"):
         make_engine("builtin", {"FP_SCAND_ZIP_MAX_SIZE": "lots"})

@@ -9,6 +9,7 @@ replaced by a short text/plain notice. Nothing else is re-encoded or refolded.
 from . import mime
 
 HEADER_WIDTH = 78
+NESTING_LIMIT_NAME = "MIME-Nesting-Limit-Exceeded"
 MAX_THREAT = 200  # characters; file names can be long, header lines must not be
 
 
@@ -70,8 +71,9 @@ def examine(message, fd, engines) -> Examined:
     # The cleaned message must pass every engine on its own: a threat no part
     # explained (in a header, a preamble, a part the engine could not see alone)
     # is still in it, and then the message cannot be cleaned.
-    if _find(_render_body(cleaned), None, engines).whole_or_parts():
-        return Examined(message, names, "infected", threats)
+    again = _find(_render_body(cleaned), None, engines)
+    if again.whole_or_parts():
+        return Examined(message, names, "infected", list(dict.fromkeys(threats + again.threat_list())))
     return cleaned
 
 
@@ -85,12 +87,13 @@ class _Findings:
         return bool(self.whole or self.parts)
 
     def threat_list(self):
-        names = []
+        """Threats of the parts ("Name in file"), then those found only in the whole."""
+        named = {}
         for part, threats in self.parts.items():
-            names += [_printable(f"{t} in {part.filename}" if part.filename else t) for t in threats]
-        if not names:
-            names = [_printable(t) for t in self.whole]
-        return list(dict.fromkeys(names))
+            for threat in threats:
+                named[_printable(f"{threat} in {part.filename}" if part.filename else threat)] = threat
+        seen = set(named.values())
+        return list(dict.fromkeys([*named, *(_printable(t) for t in self.whole if t not in seen)]))
 
     def removable_parts(self):
         """The outermost separable parts that hold the infected leaves, in order;
@@ -122,6 +125,10 @@ def _find(buf, fd, engines):
             continue
         if found.tree is None:
             found.tree = mime.parse(buf)
+            if found.tree.too_deep():
+                # Parts below the limit were not decoded: the message cannot be
+                # judged whole, and nobody nests MIME that deep for a good reason.
+                found.whole.append(NESTING_LIMIT_NAME)
         for leaf in found.tree.leaves():
             threats = engine.scan(leaf.decoded(buf), filename=leaf.filename)
             if threats:

@@ -32,6 +32,8 @@ class Part:
         fields, self.body_start, self.newline = _read_header(buf, start, end)
         self.content_type, self.encoding, self.filename, boundary = _describe(fields, default_type)
         self.is_multipart = False
+        container = self.content_type.startswith("multipart/") or self.content_type == "message/rfc822"
+        self.cut = container and depth >= MAX_DEPTH  # a container left unparsed
         if depth >= MAX_DEPTH:
             return
         if self.content_type.startswith("multipart/") and boundary:
@@ -54,6 +56,10 @@ class Part:
         yield self
         for child in self.children:
             yield from child.walk()
+
+    def too_deep(self):
+        """Whether a container below this part was left unparsed (MAX_DEPTH)."""
+        return any(part.cut for part in self.walk())
 
     def removable(self):
         """The smallest separable part containing this one, or None."""
