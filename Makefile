@@ -1,7 +1,7 @@
 # fp-qmail. `make demo` and `make test` do all set-up on a fresh machine (as root).
 PYTHON ?= python3
 
-.PHONY: deps test test-py demo build bench install uninstall deb reliability fuzz clean
+.PHONY: deps test test-py demo build bench install uninstall deb deps-deb test-deb reliability fuzz clean
 
 deps:
 	scripts/install-deps
@@ -14,9 +14,63 @@ test: deps build
 test-py: deps
 	$(PYTHON) -m pytest -q
 
+# The README's first command: the daemon, fp-qmail, a clean and an EICAR message, the
+# quarantine (scripts/demo says what it shows). Uses build/fp-qmail.dist/ if built.
+demo: deps
+	scripts/demo
+
 # fp-qmail as a Nuitka standalone binary: build/fp-qmail.dist/ (build.py says how and why).
 build: deps
 	$(PYTHON) build.py
+
+# ---- install, uninstall, Debian package (docs/install.md) --------------------------
+# make install [DESTDIR=] [PREFIX=/usr/local] [QMAILDIR=/var/qmail], as root after make build:
+# the files under PREFIX, /etc/f-prot.conf if absent, the daemon's user and directories,
+# then fp-qmail in place of qmail-queue (packaging/install-qmail-queue, which refuses
+# with nothing changed when qmail's tree is not as expected).
+PREFIX ?= /usr/local
+QMAILDIR ?= /var/qmail
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+SCAND_USER ?= fpscand
+QMAILQ_USER ?= qmailq
+QMAIL_GROUP ?= qmail
+LIBDIR = $(PREFIX)/lib/fp-qmail
+INSTALL_ENV = DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" UNITDIR="$(UNITDIR)" SCAND_USER="$(SCAND_USER)" QMAILDIR="$(QMAILDIR)" \
+  QMAILQ_USER="$(QMAILQ_USER)" QMAIL_GROUP="$(QMAIL_GROUP)"
+QQ_BINARY = build/fp-qmail.dist/fp-qmail
+
+install:
+	$(INSTALL_ENV) packaging/install-qmail-queue check $(QQ_BINARY)
+	$(INSTALL_ENV) packaging/install-files
+	id -u $(SCAND_USER) >/dev/null 2>&1 || useradd --system --user-group --no-create-home \
+	  --home-dir /var/lib/fp-qmail --shell /usr/sbin/nologin $(SCAND_USER)
+	install -d -o $(QMAILQ_USER) -g $(SCAND_USER) -m 2770 "$(DESTDIR)/var/spool/fp-qmail"
+	install -d -o $(SCAND_USER) -g $(SCAND_USER) -m 750 "$(DESTDIR)/var/lib/fp-qmail"
+	test -e "$(DESTDIR)/etc/f-prot.conf" || install -D -m 644 packaging/f-prot.conf "$(DESTDIR)/etc/f-prot.conf"
+	$(INSTALL_ENV) packaging/install-qmail-queue install "$(DESTDIR)$(LIBDIR)/standalone/fp-qmail"
+
+# Puts qmail's qmail-queue back first; keeps /etc/f-prot.conf if changed, the quarantine
+# (/var/lib/fp-qmail), the spool directory and the daemon's user.
+uninstall:
+	$(INSTALL_ENV) packaging/install-qmail-queue uninstall
+	rm -rf "$(DESTDIR)$(LIBDIR)" "$(DESTDIR)$(PREFIX)/share/fp-qmail"
+	rm -f "$(DESTDIR)$(PREFIX)/sbin/fpqmail-scand" "$(DESTDIR)$(PREFIX)/bin/fpqmail-quarantine" \
+	  "$(DESTDIR)$(UNITDIR)/fpqmail-scand.service"
+	for page in packaging/man/*.[158]; do rm -f "$(DESTDIR)$(PREFIX)/share/man/man$${page##*.}/$${page##*/}"; done
+	if cmp -s packaging/f-prot.conf "$(DESTDIR)/etc/f-prot.conf"; then rm -f "$(DESTDIR)/etc/f-prot.conf"; \
+	else echo "make uninstall: kept $(DESTDIR)/etc/f-prot.conf"; fi
+
+# Debian's packaging tools (dpkg-deb, lintian, debootstrap for the package test).
+deps-deb: deps
+	scripts/install-deps-deb
+
+# dist/fp-qmail_<version>_amd64.deb (packaging/deb/build-deb), checked with lintian.
+deb: deps-deb build
+	packaging/deb/build-deb
+
+# Installs the package into a throwaway Debian root with a stand-in qmail (slow: ~2 min).
+test-deb: deb
+	$(PYTHON) -m pytest -q -m deb tests/packaging
 
 clean:
 	rm -rf build dist .pytest_cache .hypothesis
