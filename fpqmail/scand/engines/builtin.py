@@ -48,9 +48,6 @@ class BuiltinEngine(Engine):
     def reload(self):
         self._digests = self._read_digests()
 
-    def ping(self):
-        pass
-
     def scan(self, data, fd=None, filename=None):
         found = []
         if filename:
