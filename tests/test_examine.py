@@ -59,6 +59,15 @@ def test_cleaned_header_names_threat_and_file(builtin):
     assert b'"invoice.zip": it contained EICAR-Test-File' in output
 
 
+def test_notice_takes_the_line_ending_of_the_part_it_replaces(builtin):
+    for name, newline in (("mixed-line-endings", b"\n"), ("attachment-eicar-crlf", b"\r\n"),
+                          ("attachment-eicar-lf", b"\n")):
+        built = CORPUS[name]
+        result, output = run(built, [builtin])
+        [notice] = check_output(output, built, result.status)
+        assert notice.count(b"\n") == notice.count(newline) >= 4, (name, notice)
+
+
 def test_infected_header_has_no_removed(builtin):
     result, output = run(CORPUS["single-eicar-lf"], [builtin])
     assert result.status == "infected"

@@ -65,8 +65,7 @@ def examine(message, fd, engines) -> Examined:
     removable = found.removable_parts()
     if removable is None:
         return Examined(message, names, "infected", threats)
-    newline = mime.newline_of(buf)
-    removed = [(p.start, p.end, _notice(p, found.parts_under(p), newline)) for p in removable]
+    removed = [(p.start, p.end, _notice(found.parts_under(p), p.newline)) for p in removable]
     cleaned = Examined(buf, names, "cleaned", threats, removed)
     # The cleaned message must pass every engine on its own: a threat no part
     # explained (in a header, a preamble, a part the engine could not see alone)
@@ -152,7 +151,7 @@ def _inside(part, container):
     return False
 
 
-def _notice(part, infected_leaves, newline):
+def _notice(infected_leaves, newline):
     """The text/plain part put in place of a removed one."""
     lines = []
     for leaf, threats in infected_leaves.items():

@@ -29,7 +29,10 @@ class Part:
         # A body part of a multipart can be cut out and replaced; the top-level message
         # and the message inside a message/rfc822 part cannot (their parent can).
         self.separable = parent is not None and parent.is_multipart
-        fields, self.body_start, self.newline = _read_header(buf, start, end)
+        fields, self.body_start, newline = _read_header(buf, start, end)
+        # Its own line ending, for a notice put in its place; a part without one
+        # (a single line) inherits its parent's.
+        self.newline = newline or (parent.newline if parent else b"\n")
         self.content_type, self.encoding, self.filename, boundary = _describe(fields, default_type)
         self.is_multipart = False
         container = self.content_type.startswith("multipart/") or self.content_type == "message/rfc822"
@@ -90,7 +93,7 @@ def newline_of(buf):
 
 
 def _read_header(buf, start, end):
-    """Returns ([(name, value)], body_start, newline) for the header at start.
+    """Returns ([(name, value)], body_start, newline or None) for the header at start.
 
     The header ends at an empty line (which belongs to neither header nor body) or, for
     broken input, at the first line that is neither a field nor a continuation."""
@@ -105,16 +108,16 @@ def _read_header(buf, start, end):
             newline = b"\r\n" if line.endswith(b"\r\n") else b"\n"
         content = line.rstrip(b"\r\n")
         if not content:
-            return fields, line_end, newline or b"\n"
+            return fields, line_end, newline
         if content[:1] in (b" ", b"\t") and fields:
             fields[-1][1] += b" " + content.strip()
         elif _HEADER_NAME.match(content):
             name, _, value = content.partition(b":")
             fields.append([name.strip().lower(), value.strip()])
         else:
-            return fields, pos, newline or b"\n"
+            return fields, pos, newline
         pos = line_end
-    return fields, end, newline or b"\n"
+    return fields, end, newline
 
 
 def _describe(fields, default_type):
