@@ -23,6 +23,13 @@ demo: deps
 build: deps
 	$(PYTHON) build.py
 
+# Per-message latency of fp-qmail, its C anchor and the interpreter (bench/bench.py,
+# docs/performance.md): a table, bench/results/*.csv (and a PNG with the plot extra).
+# BENCH=--full for every size, concurrency and scanner (~20 min).
+BENCH ?= --quick
+bench: build
+	$(PYTHON) bench/bench.py $(BENCH)
+
 # ---- install, uninstall, Debian package (docs/install.md) --------------------------
 # make install [DESTDIR=] [PREFIX=/usr/local] [QMAILDIR=/var/qmail], as root after make build:
 # the files under PREFIX, /etc/f-prot.conf if absent, the daemon's user and directories,

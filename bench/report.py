@@ -1,0 +1,134 @@
+"""Figures from the samples: a table on the terminal, a CSV, a PNG chart (when
+matplotlib, the optional `plot` extra, is installed) and the targets of issue 4."""
+import csv
+import math
+import statistics
+
+FLOOR, ANCHOR, INTERPRETER, CONSOLE, BINARY, INSTREAM = "a", "b", "c", "d", "e", "clamd"
+COLUMNS = ("scanner", "size", "concurrency", "variant", "n", "median_ms", "p95_ms", "p99_ms",
+           "cpu_ms", "peak_rss_mb", "x_b", "x_c")
+
+
+def percentile(values, fraction):
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def summarise(results):
+    """results: {(scanner, size, concurrency): {variant: [Sample]}} -> rows (dicts)."""
+    rows = []
+    for (scanner, size, concurrency), by_variant in results.items():
+        medians = {v: statistics.median(s.seconds for s in samples) for v, samples in by_variant.items()}
+        for variant, samples in by_variant.items():
+            cpu = [s.cpu_seconds for s in samples if s.cpu_seconds is not None]
+            rss = [s.max_rss_kb for s in samples if s.max_rss_kb is not None]
+            rows.append({
+                "scanner": scanner, "size": size, "concurrency": concurrency, "variant": variant,
+                "n": len(samples),
+                "median_ms": medians[variant] * 1e3,
+                "p95_ms": percentile([s.seconds for s in samples], 0.95) * 1e3,
+                "p99_ms": percentile([s.seconds for s in samples], 0.99) * 1e3,
+                "cpu_ms": statistics.median(cpu) * 1e3 if cpu else None,
+                "peak_rss_mb": max(rss) / 1024 if rss else None,
+                "x_b": medians[variant] / medians[ANCHOR] if ANCHOR in medians else None,
+                "x_c": medians[variant] / medians[INTERPRETER] if INTERPRETER in medians else None,
+            })
+    return rows
+
+
+def _cell(value, digits=2):
+    return "-" if value is None else "%.*f" % (digits, value) if isinstance(value, float) else str(value)
+
+
+def print_table(rows, names):
+    header = ("scanner", "size", "conc", "variant", "n", "median", "p95", "p99", "cpu",
+              "rss MB", "x(b)", "x(c)")
+    lines = [header]
+    for r in rows:
+        lines.append((r["scanner"], human_size(r["size"]), str(r["concurrency"]),
+                      "(%s) %s" % (r["variant"], names[r["variant"]]), str(r["n"]),
+                      _cell(r["median_ms"]), _cell(r["p95_ms"]), _cell(r["p99_ms"]),
+                      _cell(r["cpu_ms"]), _cell(r["peak_rss_mb"], 1), _cell(r["x_b"]),
+                      _cell(r["x_c"])))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    print("times in ms; cpu = median CPU time of the process; rss = peak over all runs")
+    for line in lines:
+        print("  ".join(cell.ljust(w) if i < 4 else cell.rjust(w)
+                        for i, (cell, w) in enumerate(zip(line, widths))))
+
+
+def write_csv(rows, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("%.4f" % v if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def write_chart(rows, names, path):
+    """Median latency by size at concurrency 1, one line per variant and scanner."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(10, 6))
+    series = {}
+    for r in rows:
+        if r["concurrency"] == 1:
+            series.setdefault((r["scanner"], r["variant"]), []).append((r["size"], r["median_ms"]))
+    for (scanner, variant), points in sorted(series.items()):
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                  label="%s: (%s) %s" % (scanner, variant, names[variant]))
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel("message size (bytes)")
+    axes.set_ylabel("median latency per message (ms)")
+    axes.set_title("fp-qmail per-message latency, one at a time")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return True
+
+
+def human_size(size):
+    return "%dM" % (size >> 20) if size >= 1 << 20 else "%dK" % (size >> 10)
+
+
+def targets(rows):
+    """The targets of issue 4 that this run has the figures for: (text, value, limit)."""
+    by = {(r["scanner"], r["size"], r["concurrency"], r["variant"]): r for r in rows}
+
+    def median(scanner, size, variant):
+        row = by.get((scanner, size, 1, variant))
+        return row and row["median_ms"]
+
+    found = []
+    for size in sorted({r["size"] for r in rows}):
+        a, b, c, d, e = (median("responder", size, v) for v in (FLOOR, ANCHOR, INTERPRETER, CONSOLE, BINARY))
+        tag = "%s, instant scanner" % human_size(size)
+        if a and c and e and size <= 64 << 10:
+            found.append(("(e)-(a) / (c)-(a) at %s (<= 1, stretch 0.8)" % tag, (e - a) / (c - a), 1.0))
+        if d and e and size <= 64 << 10:
+            found.append(("(e) / (d) at %s" % tag, e / d, 0.5))
+        if b and e and size <= 64 << 10:
+            found.append(("(e) / (b) at %s (goal)" % tag, e / b, 5.0))
+    for r in rows:
+        if r["variant"] == BINARY and r["size"] == 10 << 20 and r["peak_rss_mb"] is not None:
+            found.append(("peak RSS of (e), 10M, %s, concurrency %d (MB)" % (r["scanner"], r["concurrency"]),
+                          r["peak_rss_mb"], 20.0))
+    e, instream = median("scand-clamd", 1 << 20, BINARY), median("scand-clamd", 1 << 20, INSTREAM)
+    if e and instream:
+        found.append(("(e) through fpqmail-scand+clamd / clamd INSTREAM alone, 1M", e / instream, 1.2))
+    return found
+
+
+def print_targets(found):
+    print("\ntargets (issue 4):")
+    for text, value, limit in found:
+        print("  %-70s %7.2f  %s (limit %g)" % (text, value, "met " if value <= limit else "MISSED", limit))
