@@ -243,3 +243,35 @@ def test_property_only_infected_parts_change(built):
     result, output = run(built, [engine])
     assert result.status == built.expected_status
     check_output(output, built, result.status)
+
+
+@st.composite
+def _mangled(draw):
+    """A corpus message with a few bytes inserted, deleted or changed: broken MIME."""
+    data = bytearray(draw(st.sampled_from(sorted(CORPUS.items())))[1].data)
+    for _ in range(draw(st.integers(1, 6))):
+        pos = draw(st.integers(0, len(data)))
+        action = draw(st.sampled_from(["insert", "delete", "replace"]))
+        junk = draw(st.sampled_from([b"\r\n", b"\n", b"--", b"\"", b";", b"=", b"\x00", b"\xff", b"Content-Type: multipart/mixed; boundary=x\n", b"--x\n"]))
+        if action == "insert":
+            data[pos:pos] = junk
+        elif action == "delete":
+            del data[pos:pos + len(junk)]
+        else:
+            data[pos:pos + len(junk)] = junk
+    return bytes(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_mangled())
+def test_property_broken_mime_never_crashes_and_clean_stays_exact(data):
+    engine = make_engine("builtin", {})
+    result, output = run(data, [engine])
+    assert result.status in ("clean", "cleaned", "infected")
+    header, rest = split_header(output)
+    if result.status == "clean":
+        assert rest == data
+    if EICAR in data:
+        assert result.status != "clean"
+    if result.status != "infected":
+        assert EICAR not in rest, "what is delivered never carries the threat"
