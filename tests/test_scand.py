@@ -350,3 +350,14 @@ def test_a_port_in_use_exits_1(start_scand, tmp_path):
     with pytest.raises(RuntimeError) as e:
         second.start()
     assert second.process.returncode == 1 and f"cannot listen on {first.address}" in str(e.value)
+
+
+def test_docs_table_shows_the_defaults_of_the_settings_table():
+    import re
+    from conftest import REPO
+    from fpqmail.scand.settings import DEFAULTS
+    text = (REPO / "docs" / "scand.md").read_text()
+    documented = {}
+    for key, default in re.findall(r"^\| `(FP_SCAND_\w+)` \|[^|]*\| ([^|]+) \|", text, re.M):
+        documented[key] = default.strip().strip("`") if default.strip().startswith("`") else ""
+    assert documented == DEFAULTS
