@@ -124,3 +124,26 @@ def test_200_runs_16_at_a_time_are_delivered_intact_or_tempfailed(rig, start_sca
     busy = daemon.log().count("answered ERROR busy")
     print(f"200 runs, 16 at a time: {delivered} delivered intact, {tempfailed} tempfailed ({busy} busy)")
     assert tempfailed == busy  # nothing failed but for the deliberate overload
+
+
+def test_a_hung_engine_meets_the_time_limit_and_sigterm_still_stops_the_daemon(rig, start_scand, tmp_path):
+    """clamd stopped with SIGSTOP: connections are accepted by the kernel, never answered."""
+    import signal
+    own = Clamd(str(tmp_path / "clamd"))
+    os.mkdir(own.dir)
+    own.start()
+    try:
+        daemon = connect(rig, start_scand(rig.tmpdir, engines=(own.unix_spec,), args=["--timeout", "2"],
+                                          config={"FP_SCAND_CLAMD_TIMEOUT": "60", "FP_QMAIL_TIMEOUT": "10"}))
+        own.process.send_signal(signal.SIGSTOP)
+        r = rig.run(INFECTED, env={"FP_QMAIL_TIMEOUT": "10"})
+        assert r.code in TEMPORARY and r.delivered == [], r
+        assert "scanner error: time limit" in r.stderr
+        # the worker is still stuck in clamd; the daemon stops anyway, and at once
+        daemon.signal(signal.SIGTERM)
+        assert daemon.process.wait(10) == 0
+        assert "Traceback" not in daemon.log()
+    finally:
+        own.process.send_signal(signal.SIGCONT)
+        own.stop()
+        shutil.rmtree(own.dir, ignore_errors=True)

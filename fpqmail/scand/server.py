@@ -74,11 +74,9 @@ def build_runtime(settings, previous=None) -> Runtime:
                 engines.append(make_engine(spec, engine_settings))
             except (ValueError, EngineError) as e:
                 raise SettingsError(f"engine {spec}: {e}") from None
-    for engine in engines:
-        try:
-            engine.ping()
-        except EngineError as e:
-            logger.warning("engine %s does not answer now (requests fail until it does): %s", engine.name, e)
+    # Only to tell the administrator early; in a thread of its own, because a hung
+    # engine must not stop the main thread from accepting and enforcing time limits.
+    threading.Thread(target=_ping, args=(engines,), name="ping", daemon=True).start()
     stores = []
     for directory in (settings.quarantine, settings.backup):
         try:
@@ -86,6 +84,14 @@ def build_runtime(settings, previous=None) -> Runtime:
         except (OSError, StoreError) as e:
             raise SettingsError(f"{directory}: cannot use as a store: {e}") from None
     return Runtime(settings, engines, stores[0], stores[1], _mappable_owners())
+
+
+def _ping(engines):
+    for engine in engines:
+        try:
+            engine.ping()
+        except EngineError as e:
+            logger.warning("engine %s does not answer now (requests fail until it does): %s", engine.name, e)
 
 
 def _mappable_owners():
