@@ -19,6 +19,9 @@ from .log import logger
 from .quarantine import StoreError
 
 RECV_SIZE = 65536
+# fp-qmail sends its whole request as soon as it is connected; a client that takes
+# longer must not hold a worker for the whole time limit.
+READ_TIMEOUT = 10.0
 
 
 class Refused(Exception):
@@ -50,11 +53,12 @@ def handle(conn, runtime):
 
 
 def read_request(conn):
-    """(Request, Envelope) from the connection, within the request's deadline."""
+    """(Request, Envelope) from the connection, within READ_TIMEOUT and the deadline."""
+    until = min(conn.deadline, time.monotonic() + READ_TIMEOUT)
     reader = protocol.HeadReader()
     request = None
     while request is None:
-        data = conn.recv(RECV_SIZE)
+        data = conn.recv(RECV_SIZE, until)
         if not data:
             raise Refused("malformed request: connection closed before the blank line")
         request = reader.feed(data)
@@ -62,7 +66,7 @@ def read_request(conn):
     if len(raw) > request.envelope_size:
         raise Refused("malformed request: more bytes than Envelope announced")
     while len(raw) < request.envelope_size:
-        data = conn.recv(min(RECV_SIZE, request.envelope_size - len(raw)))
+        data = conn.recv(min(RECV_SIZE, request.envelope_size - len(raw)), until)
         if not data:
             raise Refused("malformed request: connection closed inside the envelope")
         raw += data

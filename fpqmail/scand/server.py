@@ -77,6 +77,8 @@ def build_runtime(settings, previous=None) -> Runtime:
     # Only to tell the administrator early; in a thread of its own, because a hung
     # engine must not stop the main thread from accepting and enforcing time limits.
     threading.Thread(target=_ping, args=(engines,), name="ping", daemon=True).start()
+    if not os.path.isdir(settings.tmpdir):
+        raise SettingsError(f"FP_SCAND_TMPDIR={settings.tmpdir}: not a directory")
     stores = []
     for directory in (settings.quarantine, settings.backup):
         try:
@@ -118,17 +120,21 @@ class Connection:
         self._lock = threading.Lock()
         self._answered = False
 
-    def recv(self, size):
-        remaining = self.deadline - time.monotonic()
+    def recv(self, size, until):
+        """Bytes from the client, waiting until `until` (monotonic) at most."""
+        remaining = until - time.monotonic()
         if remaining <= 0:
-            raise handler.Refused("time limit")
+            raise handler.Refused(self._late(until))
         self.sock.settimeout(remaining)
         try:
             return self.sock.recv(size)
         except TimeoutError:
-            raise handler.Refused("time limit") from None
+            raise handler.Refused(self._late(until)) from None
         except OSError as e:
             raise handler.Refused(f"connection failed: {e.strerror}") from None
+
+    def _late(self, until):
+        return "time limit" if until >= self.deadline else "request not received in time"
 
     def expired(self):
         return self._answered or time.monotonic() >= self.deadline
