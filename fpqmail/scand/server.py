@@ -30,7 +30,7 @@ from .examine import examine
 from .janitor import Janitor
 from .log import logger
 from .quarantine import Store, StoreError
-from .settings import RESTART_ONLY, SettingsError, load, parse_address
+from .settings import RESTART_ONLY, SettingsError, parse_address
 
 LINGER = 2.0            # seconds to wait for a client to close after an early reply
 LINGER_BYTES = 1 << 20  # and the most of its unread request to swallow meanwhile
