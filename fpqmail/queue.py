@@ -360,7 +360,11 @@ def ask_scanner(endpoints, connect_timeout, deadline, request):
     has the request it may be writing fo, so there is no second try."""
     failure = None
     for family, address, name in endpoints:
-        sock = _socket.socket(family, _socket.SOCK_STREAM)
+        try:  # fails for an IPv6 endpoint on a host without IPv6, or out of descriptors
+            sock = _socket.socket(family, _socket.SOCK_STREAM)
+        except OSError as e:
+            failure = Fail(SCANNER_REFUSED, "scanner %s: cannot make a socket: %s" % (name, e.strerror or e), True)
+            continue
         try:
             sock.settimeout(max(0.001, min(connect_timeout, deadline - time.monotonic())))
             sock.connect(address)
