@@ -1,0 +1,184 @@
+"""The Debian package in a throwaway Debian root (tests/deb_root.py) holding a stand-in
+qmail: install diverts qmail-queue and puts fp-qmail there setuid; a message goes
+through the installed qmail-queue to the real fpqmail-scand; reinstall, reconfigure and
+upgrade keep it so; purge gives back the original byte for byte with owner and mode.
+
+Slow (a debootstrap on the first run): marked `deb`, run by `make test-deb` and CI.
+"""
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import MESSAGE, REPO, Rig, read_deliveries
+from deb_root import DELIVERIES, DebRoot, run, snapshot
+
+pytestmark = pytest.mark.deb
+
+QUEUE = "/var/qmail/bin/qmail-queue"
+ORIG = QUEUE + ".orig"
+BINARY = REPO / "build" / "fp-qmail.dist" / "fp-qmail"
+
+
+def package():
+    debs = sorted((REPO / "dist").glob("fp-qmail_*_amd64.deb"))
+    if not debs:
+        raise RuntimeError("no dist/fp-qmail_*_amd64.deb: run make deb (make test-deb does)")
+    return debs[-1]
+
+
+@pytest.fixture
+def root():
+    r = DebRoot()
+    yield r
+    r.close()
+
+
+def dpkg_install(root, deb, check=True):
+    target = root.host("/tmp") / deb.name
+    target.write_bytes(deb.read_bytes())
+    return root.chroot("dpkg", "-i", "/tmp/" + deb.name, check=check)
+
+
+def upgraded_copy(deb, tmp_path):
+    """The same package with the next Debian revision, to test an upgrade."""
+    tree = tmp_path / "tree"
+    run("dpkg-deb", "-R", deb, tree)
+    control = tree / "DEBIAN" / "control"
+    text = control.read_text()
+    version = next(line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("Version: "))
+    upstream, revision = version.rsplit("-", 1)
+    new_version = "%s-%d" % (upstream, int(revision) + 1)
+    control.write_text(text.replace("Version: " + version, "Version: " + new_version))
+    out = tmp_path / ("fp-qmail_%s_amd64.deb" % new_version)
+    run("dpkg-deb", "--root-owner-group", "--build", tree, out)
+    return out, new_version
+
+
+def assert_fp_qmail_in_place(root, original):
+    queue = root.host(QUEUE)
+    st = queue.stat()
+    assert queue.read_bytes() == BINARY.read_bytes()
+    assert (st.st_uid, st.st_gid) == root.ids("qmailq", "qmail")
+    assert stat.S_IMODE(st.st_mode) == 0o4711
+    diversions = root.chroot("dpkg-divert", "--list").stdout
+    assert "diversion of %s to %s by fp-qmail" % (QUEUE, ORIG) in diversions
+    assert snapshot(root.host("/var/qmail/bin"))["qmail-queue.orig"] == original
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def send_message(root, tmp_path):
+    """One message through the installed qmail-queue, run by nobody (so setuid qmailq),
+    with the installed config and the installed fpqmail-scand as user fpscand."""
+    port = free_port()
+    daemon = subprocess.Popen(
+        ["chroot", "--userspec=fpscand:fpscand", str(root.path), "/usr/sbin/fpqmail-scand",
+         "--listen", "127.0.0.1:%d" % port, "--loglevel", "7"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert daemon.poll() is None, daemon.stderr.read().decode()
+                assert time.monotonic() < deadline, "fpqmail-scand did not listen"
+                time.sleep(0.1)
+        (tmp_path / "rig").mkdir()
+        rig = Rig(tmp_path / "rig")
+        rig.queue_dir = root.host(DELIVERIES)
+        # glibc honours LD_DEBUG in a setuid program only where /etc/suid-debug exists.
+        root.host("/etc/suid-debug").touch()
+        # No FP_QMAIL_LOGLEVEL: fp-qmail reads the installed /etc/f-prot.conf. Under
+        # setuid the environment may still name a TCP scanner and ask for stderr logs.
+        env = {"FP_QMAIL_LOGLEVEL": None, "FP_QMAIL_TMPDIR": None, "FP_QMAIL_QUEUE": None,
+               "FP_QMAIL_SCANNER": "127.0.0.1:%d" % port, "FP_QMAIL_LOG_STDERR": "yes",
+               "QQ_STANDIN_DIR": DELIVERIES, "LD_DEBUG": "libs"}
+        result = rig.run(env=env, command=["/usr/sbin/chroot", "--userspec=nobody:nogroup",
+                                           str(root.path), QUEUE])
+        return result
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+
+
+def test_install_message_reinstall_upgrade_purge(root, tmp_path):
+    deb = package()
+    root.add_qmail()
+    root.mount_proc()
+    before = snapshot(root.host("/var/qmail"))
+    original = snapshot(root.host("/var/qmail/bin"))["qmail-queue"]
+
+    dpkg_install(root, deb)
+    assert_fp_qmail_in_place(root, original)
+    assert root.chroot("dpkg-statoverride", "--list", QUEUE).stdout.split() == \
+        ["qmailq", "qmail", "4711", QUEUE]
+    spool = root.host("/var/spool/fp-qmail").stat()
+    assert (spool.st_uid, spool.st_gid) == (root.ids("qmailq", "fpscand")[0], root.ids("fpscand", "fpscand")[1])
+    assert stat.S_IMODE(spool.st_mode) == 0o2770
+
+    result = send_message(root, tmp_path)
+    assert result.code == 0, result
+    [(message, envelope_bytes, state)] = read_deliveries(root.host(DELIVERIES))
+    assert message.endswith(MESSAGE.split(b"\n\n", 1)[1])
+    assert b"X-Antivirus: " in message.split(b"\n\n", 1)[0]
+    # Run by nobody, fp-qmail could make its files in /var/spool/fp-qmail (qmailq and
+    # the daemon's group only) because it ran setuid qmailq. (The sh stand-in itself
+    # sees euid nobody: dash drops a setuid euid.)
+    assert state["uid"] == 65534
+    # The setuid program loaded the system's libraries only: no $ORIGIN, nothing of
+    # its own folder or of /var/qmail/bin.
+    loaded = [line.split("file=", 1)[1].split()[0] for line in result.stderr.splitlines()
+              if "trying file=" in line]
+    assert loaded and all(p.startswith("/lib/x86_64-linux-gnu/") for p in loaded), loaded
+    assert list(root.host("/var/spool/fp-qmail").iterdir()) == []
+
+    # Reinstall, reconfigure, upgrade: fp-qmail stays in place, qmail's stays .orig.
+    dpkg_install(root, deb)
+    assert_fp_qmail_in_place(root, original)
+    root.chroot("dpkg-reconfigure", "fp-qmail")
+    assert_fp_qmail_in_place(root, original)
+    newer, new_version = upgraded_copy(deb, tmp_path)
+    dpkg_install(root, newer)
+    assert root.chroot("dpkg-query", "-W", "-f=${Version}", "fp-qmail").stdout == new_version
+    assert_fp_qmail_in_place(root, original)
+
+    root.chroot("dpkg", "--purge", "fp-qmail")
+    assert snapshot(root.host("/var/qmail")) == before
+    assert QUEUE not in root.chroot("dpkg-divert", "--list").stdout
+    assert root.chroot("dpkg-statoverride", "--list", QUEUE, check=False).stdout == ""
+    assert not root.host("/etc/f-prot.conf").exists()
+
+
+@pytest.mark.parametrize("case", ["orig-exists", "no-qmailq", "no-qmail", "make-installed"])
+def test_install_refuses_and_changes_nothing(root, case):
+    deb = package()
+    if case != "no-qmail":
+        root.add_qmail()
+    if case == "orig-exists":
+        root.host(ORIG).write_bytes(b"#!/bin/sh\n# someone else's wrapper left this\n")
+    elif case == "no-qmailq":
+        root.chroot("userdel", "qmailq")
+    elif case == "make-installed":
+        queue = root.host(QUEUE)
+        queue.rename(root.host(ORIG))
+        queue.write_bytes(BINARY.read_bytes())
+    before = snapshot(root.host("/var/qmail")) if case != "no-qmail" else None
+    result = dpkg_install(root, deb, check=False)
+    assert result.returncode != 0
+    assert "nothing changed" in result.stderr
+    if before is not None:
+        assert snapshot(root.host("/var/qmail")) == before
+    assert QUEUE not in root.chroot("dpkg-divert", "--list").stdout
+    assert root.chroot("dpkg-statoverride", "--list", check=False).stdout == ""
+    status = root.chroot("dpkg-query", "-W", "-f=${db:Status-Abbrev}", "fp-qmail", check=False).stdout
+    assert not status.startswith("ii"), status
