@@ -48,24 +48,23 @@ def read_envelope(fd):
         data.append(ch)
         return ch
 
+    def address():  # qmail-queue.c: at most ADDR - 1 bytes, then its NUL
+        for length in range(ADDR + 1):
+            if length == ADDR:
+                die(11)
+            if get() == 0:
+                return
+
     if get() != ord("F"):
         die(91)
-    for length in range(ADDR + 1):
-        if length == ADDR:
-            die(11)
-        if get() == 0:
-            break
+    address()
     while True:
         ch = get()
         if ch == 0:
             return bytes(data)
         if ch != ord("T"):
             die(91)
-        for length in range(ADDR + 1):
-            if length == ADDR:
-                die(11)
-            if get() == 0:
-                break
+        address()
 
 
 def main():
