@@ -73,7 +73,8 @@ class DebRoot:
         bin_dir = self.host("/var/qmail/bin")
         bin_dir.mkdir(parents=True)
         queue = bin_dir / "qmail-queue"
-        queue.write_text("#!/bin/sh\n# stand-in for qmail's qmail-queue\n"
+        # sh -p keeps the effective uid, as the real (C) qmail-queue would see it.
+        queue.write_text("#!/bin/sh -p\n# stand-in for qmail's qmail-queue\n"
                          "QQ_SIGIGN=$(sed -n 's/^SigIgn:\\t//p' /proc/$$/status) "
                          "exec /usr/bin/python3 -S %s\n" % STANDIN)
         uid, gid = self.ids("qmailq", "qmail")

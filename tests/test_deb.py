@@ -131,10 +131,8 @@ def test_install_message_reinstall_upgrade_purge(root, tmp_path):
     [(message, envelope_bytes, state)] = read_deliveries(root.host(DELIVERIES))
     assert message.endswith(MESSAGE.split(b"\n\n", 1)[1])
     assert b"X-Antivirus: " in message.split(b"\n\n", 1)[0]
-    # Run by nobody, fp-qmail could make its files in /var/spool/fp-qmail (qmailq and
-    # the daemon's group only) because it ran setuid qmailq. (The sh stand-in itself
-    # sees euid nobody: dash drops a setuid euid.)
-    assert state["uid"] == 65534
+    # Run by nobody, fp-qmail ran as qmailq and passed both ids on to qmail-queue.orig.
+    assert (state["uid"], state["euid"]) == (65534, root.ids("qmailq", "qmail")[0])
     # The setuid program loaded the system's libraries only: no $ORIGIN, nothing of
     # its own folder or of /var/qmail/bin.
     loaded = [line.split("file=", 1)[1].split()[0] for line in result.stderr.splitlines()
