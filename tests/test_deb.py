@@ -79,10 +79,11 @@ def send_message(root, tmp_path):
     """One message through the installed qmail-queue, run by nobody (so setuid qmailq),
     with the installed config and the installed fpqmail-scand as user fpscand."""
     port = free_port()
+    log = open(tmp_path / "fpqmail-scand.log", "wb")
     daemon = subprocess.Popen(
         ["chroot", "--userspec=fpscand:fpscand", str(root.path), "/usr/sbin/fpqmail-scand",
          "--listen", "127.0.0.1:%d" % port, "--loglevel", "7"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -90,7 +91,7 @@ def send_message(root, tmp_path):
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
-                assert daemon.poll() is None, daemon.stderr.read().decode()
+                assert daemon.poll() is None, (tmp_path / "fpqmail-scand.log").read_text()
                 assert time.monotonic() < deadline, "fpqmail-scand did not listen"
                 time.sleep(0.1)
         (tmp_path / "rig").mkdir()
@@ -109,6 +110,7 @@ def send_message(root, tmp_path):
     finally:
         daemon.terminate()
         daemon.wait(30)
+        log.close()
 
 
 def test_install_message_reinstall_upgrade_purge(root, tmp_path):
@@ -139,6 +141,8 @@ def test_install_message_reinstall_upgrade_purge(root, tmp_path):
               if "trying file=" in line]
     assert loaded and all(p.startswith("/lib/x86_64-linux-gnu/") for p in loaded), loaded
     assert list(root.host("/var/spool/fp-qmail").iterdir()) == []
+    # The other launcher works too: the quarantine the daemon made is empty.
+    assert root.chroot("/usr/bin/fpqmail-quarantine", "list").stdout == ""
 
     # Reinstall, reconfigure, upgrade: fp-qmail stays in place, qmail's stays .orig.
     dpkg_install(root, deb)
