@@ -1,0 +1,235 @@
+"""Fixtures of the reliability suite. The lead's `rig` (tests/conftest.py) runs fp-qmail;
+the daemon and clamd come from their own fixtures (scand_fixtures, clamd_fixtures).
+What is added here: real broken peers (raw sockets), tmpfs mounts, a copy of the
+binary and the stand-in that other users can run, and the summary table (summary.py).
+"""
+import os
+import pwd
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from clamd_fixtures import clamd  # noqa: F401  (fixtures used by the tests here)
+from conftest import BINARY, TESTS, UNDER_TEST, Rig, standin_executable
+from scand_fixtures import start_scand  # noqa: F401
+
+from . import summary
+
+SYSTEM_PYTHON = "/usr/bin/python3.11"  # readable by every user, unlike pyenv's under /root
+OWNER = "fpqowner"                     # the test's qmailq: owner of the setuid binary
+CALLER = "nobody"
+
+
+def pytest_configure(config):
+    summary.pytest_configure(config)
+
+
+def ensure_user(name):
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                       check=True)
+        return pwd.getpwnam(name)
+
+
+def become(user):
+    """A preexec function: the child drops to user (real and effective ids)."""
+    account = pwd.getpwnam(user)
+
+    def drop():
+        os.setgroups([])
+        os.setgid(account.pw_gid)
+        os.setuid(account.pw_uid)
+    return drop
+
+
+# ---- broken peers ----------------------------------------------------------------------
+
+class RawListener:
+    """A TCP listener on 127.0.0.1 that misbehaves below the protocol:
+    `never_accept` (connections wait in the backlog), `hold` (accepts, reads, never
+    answers), `reset` (accepts and resets the connection at once, unread)."""
+
+    def __init__(self, mode, backlog=16):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(backlog)
+        self.port = self.sock.getsockname()[1]
+        self.address = "127.0.0.1:%d" % self.port
+        self.accepted = []
+        self.received = []  # per accepted connection, what it sent (mode hold)
+        self.mode = mode
+        if mode != "never_accept":
+            threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+            if self.mode == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+            else:
+                self.received.append(bytearray())
+                threading.Thread(target=self._read, args=(conn, self.received[-1]), daemon=True).start()
+
+    @staticmethod
+    def _read(conn, into):
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            into += data
+
+    def close(self):
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.fixture
+def raw_listener():
+    made = []
+
+    def make(mode, **kw):
+        made.append(RawListener(mode, **kw))
+        return made[-1]
+    yield make
+    for listener in made:
+        listener.close()
+
+
+# ---- file systems ------------------------------------------------------------------------
+
+@pytest.fixture
+def tmpfs():
+    """tmpfs(path, options) mounts a tmpfs (e.g. "size=1m", "ro") on path, for the test."""
+    mounted = []
+
+    def mount(path, options):
+        path.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "fpq-reliability", str(path)], check=True)
+        mounted.append(path)
+        return path
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", str(path)], check=True)
+
+
+# ---- runs as other users -------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def installed():
+    """The dist folder and the stand-in copied into a root-owned 0755 directory (the
+    repository may sit where other users cannot read): returns (root, binary) where
+    binary is what FPQMAIL_UNDER_TEST names (for module mode: None)."""
+    if os.geteuid() != 0:
+        raise RuntimeError("the reliability suite installs binaries and mounts: run it as root")
+    root = Path(tempfile.mkdtemp(prefix="fpq-reliability-", dir="/var/tmp"))
+    root.chmod(0o755)
+    binary = None
+    if UNDER_TEST == "binary":
+        shutil.copytree(BINARY.parent, root / "dist")
+        binary = root / "dist" / BINARY.name
+    shutil.copy(TESTS / "qmail_queue_standin.py", root / "qmail_queue_standin.py")
+    yield root, binary
+    shutil.rmtree(root)
+
+
+def open_rig(installed_root, directory):
+    """A Rig whose directories every user may use (tmpdir and queue 1777, like /tmp),
+    with a stand-in any user can run; fp-qmail run as a given user."""
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+    rig = Rig(directory)
+    for d in (rig.tmpdir, rig.queue_dir):
+        d.chmod(0o1777)
+    queue = standin_executable(directory, python=SYSTEM_PYTHON)
+    queue.write_text(queue.read_text().replace(str(TESTS / "qmail_queue_standin.py"),
+                                               str(installed_root / "qmail_queue_standin.py")))
+    rig.queue = queue
+    rig.env["FP_QMAIL_QUEUE"] = str(queue)
+    return rig
+
+
+@pytest.fixture
+def world_rig(installed):
+    """Like `rig`, in a directory other users can reach; `command` runs the installed copy."""
+    root, binary = installed
+    directory = Path(tempfile.mkdtemp(prefix="rig-", dir=root))
+    directory.rmdir()
+    rig = open_rig(root, directory)
+    rig.command = [str(binary)] if binary else [SYSTEM_PYTHON, "-m", "fpqmail"]
+    if not binary:
+        rig.env["PYTHONPATH"] = str(TESTS.parent)
+    yield rig
+    rig.close()
+    left = rig.leftovers()
+    shutil.rmtree(directory)
+    assert left == [], "files left in tmpdir: %r" % left
+
+
+# ---- syslog ---------------------------------------------------------------------------------
+
+class SyslogCapture:
+    """What programs send to /dev/log while the test runs (fp-qmail logs there only,
+    unless FP_QMAIL_LOG_STDERR=yes)."""
+    MAIL_ERR = 2 * 8 + 3       # facility mail, priority err
+    MAIL_WARNING = 2 * 8 + 4
+    MAIL_INFO = 2 * 8 + 6
+
+    def __init__(self, path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        os.chmod(path, 0o666)
+        self.lines = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            self.lines.append(data.decode("utf-8", "replace"))
+
+    def wait_for(self, text, priority=None, timeout=10):
+        """The first line holding text (sent with this priority): fails after timeout."""
+        prefix = "<%d>" % priority if priority is not None else "<"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if text in line and line.startswith(prefix):
+                    return line
+            time.sleep(0.01)
+        raise AssertionError("no syslog line %s...%r in %r" % (prefix, text, self.lines))
+
+    def close(self):
+        self.sock.close()
+        os.unlink(self.path)
+
+
+@pytest.fixture
+def syslog():
+    """A /dev/log of the test's own. Made only where no syslog daemon owns one (CI, the
+    development container): a running syslogd's socket is never touched."""
+    if os.path.exists("/dev/log"):
+        raise RuntimeError("/dev/log exists (a syslog daemon runs here): cannot capture syslog")
+    capture = SyslogCapture("/dev/log")
+    yield capture
+    capture.close()
