@@ -233,3 +233,71 @@ def syslog():
     capture = SyslogCapture("/dev/log")
     yield capture
     capture.close()
+
+
+# ---- names fp-qmail will draw, known in advance ------------------------------------------
+
+def predictable_names(rig, program, strace_user=None, spool=None):
+    """A command running fp-qmail (program: its argv) with the names it will draw known
+    in advance, so that a test can plant things exactly there. It runs in a fresh PID
+    namespace (its pid is the same on every run) with /dev/urandom bound to a file of
+    distinct 8-byte blocks and getrandom() failing with ENOSYS (strace), so that Python
+    reads its randomness from that file, in order. A dry run, killed once its first pair
+    exists in spool (default: a scratch tmpdir it is given), shows the pid and the first
+    block used; the names that follow are the next blocks. strace_user: strace -u (runs
+    a setuid program as that user with its setuid bit honoured).
+    Returns (command, the first 16 <pid>.<random> suffixes)."""
+    blocks = [(0xF0F0000000000000 + k).to_bytes(8, "big") for k in range(4096)]
+    fake = rig.root / "urandom"
+    fake.write_bytes(b"".join(blocks))
+    fake.chmod(0o644)
+    script = ('mount --bind "$0" /dev/urandom && exec strace -qq -o /dev/null -e trace=getrandom '
+              '-e inject=getrandom:error=ENOSYS "$@"')
+    command = ["unshare", "--pid", "--mount", "--fork", "--kill-child", "sh", "-c", script, str(fake)]
+    command += (["-u", strace_user] if strace_user else []) + list(program)
+    env = {}
+    if spool is None:
+        spool = rig.root / "dry-run"
+        spool.mkdir()
+        env["FP_QMAIL_TMPDIR"] = str(spool)
+    killed = []
+
+    def message():
+        yield b"Subject: dry run\n\n"
+        deadline = time.monotonic() + 20
+        while not killed and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def kill_once_spooled(proc):
+        deadline = time.monotonic() + 20
+        while len(list(spool.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.kill()  # unshare --kill-child: the whole namespace dies, fp-qmail with it
+        while not dead(proc):
+            time.sleep(0.01)
+        killed.append(True)
+
+    rig.run(command=command, message=message(), env=env, after_start=kill_once_spooled)
+    spooled = sorted(p.name for p in spool.iterdir())
+    assert [n[:2] for n in spooled] == ["fi", "fo"], spooled
+    for name in spooled:
+        (spool / name).unlink()
+    if "FP_QMAIL_TMPDIR" in env:
+        spool.rmdir()
+    pid, _, suffix = spooled[0][2:].partition(".")
+    k = blocks.index(bytes.fromhex(suffix))
+    return command, ["%s.%s" % (pid, b.hex()) for b in blocks[k:k + 16]]
+
+
+def dead(proc):
+    """Whether proc has exited (a zombie), without reaping it: the rig waits for it."""
+    try:
+        with open("/proc/%d/stat" % proc.pid) as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def remove_all(directory):
+    for p in directory.iterdir():
+        p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()

@@ -18,7 +18,7 @@ from conftest import MESSAGE, TESTS, envelope, fp_qmail_command
 from scand_fixtures import Scand
 
 from .checks import PERMANENT, SUCCESS, TEMPORARY, held
-from .conftest import become
+from .conftest import become, dead, predictable_names, remove_all
 
 fault = pytest.mark.fault
 BIG_LINE = b"x" * (1 << 20)
@@ -34,15 +34,6 @@ def wait_for(predicate, timeout=20, what="condition"):
 
 def spool_names(rig):
     return sorted(p.name for p in rig.tmpdir.iterdir())
-
-
-def dead(proc):
-    """Whether proc has exited (a zombie), without reaping it: the rig waits for it."""
-    try:
-        with open("/proc/%d/stat" % proc.pid) as f:
-            return f.read().rpartition(")")[2].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def kill_and_wait(proc, signum=signal.SIGKILL):
@@ -249,56 +240,13 @@ def test_tmpdir_is_a_regular_file(rig):
     assert r.code == 53
 
 
-def predictable_names(rig, names):
-    """A command running fp-qmail with the names it will draw known in advance: in a
-    fresh PID namespace (its pid is the same on every run) with /dev/urandom bound to a
-    file of distinct 8-byte blocks and getrandom() failing with ENOSYS (strace), so that
-    Python reads its randomness from that file, in order. A dry run, killed once its
-    first pair exists, shows the pid and the first block used; the names that follow are
-    the next blocks. Returns the command; names gets the first 16 <pid>.<random> suffixes."""
-    blocks = [(0xF0F0000000000000 + k).to_bytes(8, "big") for k in range(4096)]
-    fake = rig.root / "urandom"
-    fake.write_bytes(b"".join(blocks))
-    script = ('mount --bind "$0" /dev/urandom && exec strace -qq -o /dev/null -e trace=getrandom '
-              '-e inject=getrandom:error=ENOSYS "$@"')
-    command = ["unshare", "--pid", "--mount", "--fork", "--kill-child", "sh", "-c", script, str(fake)] + fp_qmail_command()
-    scratch = rig.root / "dry-run"
-    scratch.mkdir()
-    killed = []
-
-    def message():
-        yield b"Subject: dry run\n\n"
-        wait_for(lambda: killed, what="the dry run's kill")
-
-    def kill_once_spooled(proc):
-        wait_for(lambda: len(list(scratch.iterdir())) == 2, what="the dry run's spool")
-        kill_and_wait(proc)
-        killed.append(True)
-
-    rig.run(command=command, message=message(), env={"FP_QMAIL_TMPDIR": str(scratch)},
-            after_start=kill_once_spooled)
-    first = sorted(p.name for p in scratch.iterdir())[0]
-    remove_all(scratch)
-    scratch.rmdir()
-    pid, _, suffix = first[2:].partition(".")
-    k = blocks.index(bytes.fromhex(suffix))
-    names.extend("%s.%s" % (pid, b.hex()) for b in blocks[k:k + 16])
-    return command
-
-
-def remove_all(directory):
-    for p in directory.iterdir():
-        p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
-
-
 @fault("tmpdir: planted fi*/fo* names")
 def test_names_taken_by_anything_are_never_opened_and_skipped(rig):
     """Each of the first names fp-qmail draws is taken by something else: a symlink to
     a file, a hard link, a FIFO, a directory, a dangling symlink, another user's file,
     a free fi whose fo is taken. It must open none of them and use the first free pair."""
     scanner = rig.scan_with(sd.clean)
-    names = []
-    command = predictable_names(rig, names)
+    command, names = predictable_names(rig, fp_qmail_command())
     victim = rig.root / "victim"
     victim.write_bytes(b"precious")
     hard = rig.root / "hard-linked"
@@ -332,8 +280,7 @@ def test_names_taken_by_anything_are_never_opened_and_skipped(rig):
 @fault("tmpdir: planted fi*/fo* names")
 def test_every_name_taken_is_a_named_temporary_failure(rig):
     scanner = rig.scan_with(sd.clean)
-    names = []
-    command = predictable_names(rig, names)
+    command, names = predictable_names(rig, fp_qmail_command())
     victim = rig.root / "victim"
     victim.write_bytes(b"precious")
     for name in names:
