@@ -212,10 +212,12 @@ class Summary:
         line("")
         line("Fault matrix: %d items, %d cases tried, %d held%s" % (
             len(FAULTS), tried, held, "; %d items not run" % len(untested) if untested else ""))
-        line("  %-42s %6s %6s" % ("fault", "tried", "held"))
-        for item in list(FAULTS) + sorted(set(faults) - set(FAULTS)):
-            t, h = faults.get(item, (0, 0))
-            line("  %-42s %6d %6d%s" % (item, t, h, "" if t and t == h else "   <-- NOT HELD" if t else "   <-- NOT RUN"))
+        if faults or STRICT:
+            line("  %-42s %6s %6s" % ("fault", "tried", "held"))
+            for item in list(FAULTS) + sorted(set(faults) - set(FAULTS)):
+                t, h = faults.get(item, (0, 0))
+                line("  %-42s %6d %6d%s" % (item, t, h, "" if t and t == h else
+                                             "   <-- NOT HELD" if t else "   <-- NOT RUN"))
         line("")
         line("Load:")
         if not load:
@@ -224,10 +226,11 @@ class Summary:
             line("  " + ("held: " if ok else "NOT HELD: ") + ", ".join(
                 "%s %s" % (k, v) for k, v in figures.items()))
         line("")
-        line("Fuzzing: %-28s %8s %6s %6s" % ("target", "cases", "tests", "held"))
+        line("Fuzzing: %d targets, %d cases" % (len(fuzz), sum(c for _, _, c in fuzz.values())))
+        line("  %-44s %8s %6s %6s" % ("target", "cases", "tests", "held"))
         for target in sorted(fuzz):
             t, h, cases = fuzz[target]
-            line("  %-37s %8d %6d %6d%s" % (target, cases, t, h, "" if t == h else "   <-- NOT HELD"))
+            line("  %-44s %8d %6d %6d%s" % (target, cases, t, h, "" if t == h else "   <-- NOT HELD"))
         line("")
         tried_a = sum(t for t, _ in attacks.values())
         held_a = sum(h for _, h in attacks.values())
