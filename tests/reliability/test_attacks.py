@@ -443,3 +443,30 @@ def test_planted_links_at_the_very_names_drawn(world):
         assert (after[name].st_ino, after[name].st_size, after[name].st_mtime_ns) == \
             (st.st_ino, st.st_size, st.st_mtime_ns), name
     assert not (world.home / "created-by-owner").exists()
+
+
+@attack("the caller's own scanner (TCP endpoints may come from the environment)")
+@pytest.mark.parametrize("reply", ["CLEAN, fo written as the caller", "CLEAN, fo untouched", "INFECTED"])
+def test_a_scanner_of_the_callers_cannot_make_anything_delivered(world, reply):
+    """FP_QMAIL_SCANNER=host:port is not a path, so the caller may name a scanner of
+    theirs. It cannot write fo (the owner's, mode 0600), and fp-qmail delivers only an
+    fo whose size it checks itself: at worst the caller's own message is refused."""
+    attempts = []
+
+    def callers_scanner(conn, request):
+        size = len(sd.HEADER) + request["size"]
+        if reply == "CLEAN, fo written as the caller":
+            attempts.append(subprocess.run(
+                [SYSTEM_PYTHON, "-c", "import sys; open(sys.argv[1], 'r+b').write(b'x' * int(sys.argv[2]))",
+                 request["out"], str(size)], preexec_fn=become(CALLER), capture_output=True, text=True))
+        conn.sendall(b"FPQMAIL/1 INFECTED\nThreat: Fake\n\n" if reply == "INFECTED"
+                     else b"FPQMAIL/1 CLEAN\nSize: %d\n\n" % size)
+
+    theirs = sd.ScannerDouble(callers_scanner)
+    try:
+        r = world.run(env={"FP_QMAIL_SCANNER": theirs.address})
+    finally:
+        theirs.close()
+    assert r.delivered == [] and r.code in (31, 74), r
+    if attempts:
+        assert "Permission denied" in attempts[0].stderr, attempts[0]
