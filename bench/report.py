@@ -67,7 +67,8 @@ def write_csv(rows, path):
 
 
 def write_chart(rows, names, path):
-    """Median latency by size at concurrency 1, one line per variant and scanner."""
+    """Median latency by size at concurrency 1: one panel per scanner, one line per
+    variant (the same colour in every panel)."""
     try:
         import matplotlib
     except ImportError:
@@ -75,24 +76,27 @@ def write_chart(rows, names, path):
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(figsize=(10, 6))
-    series = {}
-    for r in rows:
-        if r["concurrency"] == 1:
-            series.setdefault((r["scanner"], r["variant"]), []).append((r["size"], r["median_ms"]))
-    for (scanner, variant), points in sorted(series.items()):
-        points.sort()
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                  label="%s: (%s) %s" % (scanner, variant, names[variant]))
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    axes.set_xlabel("message size (bytes)")
-    axes.set_ylabel("median latency per message (ms)")
-    axes.set_title("fp-qmail per-message latency, one at a time")
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=7)
+    scanners = sorted({r["scanner"] for r in rows if r["concurrency"] == 1})
+    variants = sorted({r["variant"] for r in rows})
+    colours = dict(zip(variants, pyplot.rcParams["axes.prop_cycle"].by_key()["color"]))
+    figure, panels = pyplot.subplots(1, len(scanners), figsize=(5 * len(scanners), 5),
+                                     sharey=True, squeeze=False)
+    for axes, scanner in zip(panels[0], scanners):
+        for variant in variants:
+            points = sorted((r["size"], r["median_ms"]) for r in rows if r["concurrency"] == 1
+                            and r["scanner"] == scanner and r["variant"] == variant)
+            if points:
+                axes.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                          color=colours[variant], label="(%s) %s" % (variant, names[variant]))
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        axes.set_title(scanner)
+        axes.set_xlabel("message size (bytes)")
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize=7)
+    panels[0][0].set_ylabel("median latency per message, one at a time (ms)")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     return True
 
 
