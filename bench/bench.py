@@ -119,11 +119,11 @@ def main():
                       help="a subset that gives every target's figure (default)")
     mode.add_argument("--full", action="store_const", dest="mode", const="full",
                       help="every size, concurrency, scanner and variant")
-    parser.add_argument("--rounds", type=int, help="rounds per size (default 15 quick, 60 full)")
+    parser.add_argument("--rounds", type=int, help="rounds per size (default 30 quick, 60 full)")
     args = parser.parse_args()
     mode = args.mode or "quick"
     plan = QUICK if mode == "quick" else FULL
-    base_rounds = args.rounds or (15 if mode == "quick" else 60)
+    base_rounds = args.rounds or (30 if mode == "quick" else 60)
     if not BINARY.exists():
         sys.exit("bench.py: %s is missing: run make build" % BINARY)
 
