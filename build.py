@@ -26,8 +26,9 @@ Choices:
 
 After the build it checks its own promises and fails if one does not hold: no
 fp-qmail module imports `inspect` (so none depends on the reduced one; the tests run
-the whole suite against the binary for the rest) and the binary needs no shared
-library from its own folder.
+the whole suite against the binary for the rest), the binary needs no shared
+library from its own folder, and it is linked with full RELRO (-z now), as a setuid
+program should be.
 
 Usage: build.py [--jobs N]
 """
@@ -97,8 +98,11 @@ def ensure_toolchain():
 def build(python, jobs):
     if DIST.exists():
         shutil.rmtree(DIST)
+    # Full RELRO: the binary is installed setuid, so resolve every symbol at start
+    # and make the GOT read-only (Nuitka passes LDFLAGS on to its linker).
+    env = dict(os.environ, LDFLAGS=(os.environ.get("LDFLAGS", "") + " -Wl,-z,relro,-z,now").strip())
     run(python, "-m", "nuitka", *NUITKA_OPTIONS, "--jobs=%d" % jobs,
-        "--output-dir=" + str(BUILD), ROOT / "fpqmail", cwd=ROOT)
+        "--output-dir=" + str(BUILD), ROOT / "fpqmail", cwd=ROOT, env=env)
 
 
 def check_no_inspect():
@@ -119,6 +123,13 @@ def needed_libraries(path):
             if "(NEEDED)" in line]
 
 
+def check_hardening():
+    dynamic = subprocess.run(["readelf", "-d", BINARY], check=True, capture_output=True,
+                             text=True).stdout
+    if "BIND_NOW" not in dynamic and "(NOW)" not in dynamic:
+        sys.exit("build.py: the binary is not linked with -z now (it is installed setuid)")
+
+
 def check_no_bundled_libraries():
     bundled = sorted(set(needed_libraries(BINARY)) & {p.name for p in DIST.iterdir()})
     if bundled:
@@ -134,6 +145,7 @@ def main():
     build(python, args.jobs)
     check_no_inspect()
     check_no_bundled_libraries()
+    check_hardening()
     print("build.py: built %s (%.1f MB folder)" % (
         BINARY.relative_to(ROOT),
         sum(p.stat().st_size for p in DIST.iterdir()) / 1e6))
