@@ -316,8 +316,10 @@ def copy_failure(e, what):
 def read_envelope():
     """Read fd 1 up to the envelope's final NUL (or end of file), as qmail-queue does:
     a caller may keep fd 1 open after writing it."""
-    data = b""
-    while data.find(b"\0\0", 1) < 0:
+    data = bytearray()  # grown in place and searched only where new bytes came: linear time
+    searched = 1
+    while data.find(b"\0\0", searched) < 0:
+        searched = max(1, len(data) - 1)
         try:
             chunk = posix.read(1, 1 << 16)
         except OSError as e:
@@ -327,7 +329,7 @@ def read_envelope():
         data += chunk
         if len(data) > ENVELOPE_MAX:
             raise Fail(OUT_OF_MEMORY, "envelope larger than %d bytes" % ENVELOPE_MAX)
-    return data
+    return bytes(data)
 
 
 def check_envelope(data):
