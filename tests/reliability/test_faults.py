@@ -14,6 +14,7 @@ import time
 import pytest
 
 import scanner_double as sd
+from fpqmail import queue as queue_limits
 from conftest import MESSAGE, TESTS, envelope, fp_qmail_command
 from scand_fixtures import Scand
 
@@ -434,6 +435,19 @@ def test_message_fd_open_write_only(rig, tmp_path):
         os.close(fd)
     held(r, TEMPORARY, "cannot read the message: Bad file descriptor")
     assert r.code == 54
+
+
+@fault("input: envelope over 64 MiB")
+def test_envelope_over_the_limit_is_refused_after_reading_it(rig):
+    """65 536 recipients of 1 KiB: one more byte than fp-qmail keeps (64 MiB). It reads
+    up to the limit (in linear time: the whole run has the rig's 60 s), then refuses."""
+    scanner = rig.scan_with(sd.clean)
+    recipient = b"T" + b"r" * 1022 + b"\0"
+    env_bytes = b"Fbig@example.org\0" + recipient * 65536 + b"\0"
+    assert len(env_bytes) > queue_limits.ENVELOPE_MAX
+    r = rig.run(env_bytes=env_bytes)
+    held(r, TEMPORARY, "envelope larger than %d bytes" % queue_limits.ENVELOPE_MAX)
+    assert r.code == 51 and scanner.requests == []
 
 
 @fault("input: lines of 1 MB")
