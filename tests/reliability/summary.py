@@ -223,8 +223,10 @@ class Summary:
         if not load:
             line("  (not run)")
         for ok, figures in load:
-            line("  " + ("held: " if ok else "NOT HELD: ") + ", ".join(
-                "%s %s" % (k, v) for k, v in figures.items()))
+            line("  " + ("held" if ok else "NOT HELD"))
+            items = ["%s %s" % (k, v) for k, v in figures.items()]
+            for k in range(0, len(items), 4):
+                line("    " + ", ".join(items[k:k + 4]))
         line("")
         line("Fuzzing: %d targets, %d cases" % (len(fuzz), sum(c for _, _, c in fuzz.values())))
         line("  %-44s %8s %6s %6s" % ("target", "cases", "tests", "held"))

@@ -332,16 +332,14 @@ def limit(resource_id, value):
 @attack("limits: files, descriptors, memory, CPU, core dumps")
 @pytest.mark.parametrize("what", ["fsize 1", "nofile 4", "nofile 5", "as 64 MB", "cpu 0", "core with a crash"])
 def test_limits_end_in_a_clean_failure(world, what):
-    env = {}
+    def core_dump_in_the_drop_box():  # a setuid process must not dump core where the caller says
+        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        os.chdir(world.drop)
+
     preexec = {"fsize 1": limit(resource.RLIMIT_FSIZE, 1), "nofile 4": limit(resource.RLIMIT_NOFILE, 4),
                "nofile 5": limit(resource.RLIMIT_NOFILE, 5), "as 64 MB": limit(resource.RLIMIT_AS, 64 << 20),
-               "cpu 0": limit(resource.RLIMIT_CPU, 0)}.get(what)
-    if what == "core with a crash":  # a setuid process must not dump core where the caller says
-        env = {"PYTHONMALLOC": "debug"}
-
-        def preexec():
-            resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-            os.chdir(world.drop)
+               "cpu 0": limit(resource.RLIMIT_CPU, 0), "core with a crash": core_dump_in_the_drop_box}[what]
+    env = {"PYTHONMALLOC": "debug"} if what == "core with a crash" else {}
     r = world.run(env=env, preexec=preexec)
     clean_outcome(world, r)
     assert os.listdir(world.drop) == []

@@ -3,7 +3,6 @@ do not already cover (summary.py maps those). One message per fault; each test a
 the kind of outcome, all-or-nothing at qmail-queue.orig and the logged cause; the rig's
 teardown asserts that tmpdir holds nothing of ours afterwards."""
 import os
-import re
 import resource
 import signal
 import socket
@@ -14,8 +13,8 @@ import time
 import pytest
 
 import scanner_double as sd
-from fpqmail import queue as queue_limits
 from conftest import MESSAGE, TESTS, envelope, fp_qmail_command
+from fpqmail.queue import ENVELOPE_MAX
 from scand_fixtures import Scand
 
 from .checks import PERMANENT, SUCCESS, TEMPORARY, held
@@ -444,9 +443,9 @@ def test_envelope_over_the_limit_is_refused_after_reading_it(rig):
     scanner = rig.scan_with(sd.clean)
     recipient = b"T" + b"r" * 1022 + b"\0"
     env_bytes = b"Fbig@example.org\0" + recipient * 65536 + b"\0"
-    assert len(env_bytes) > queue_limits.ENVELOPE_MAX
+    assert len(env_bytes) > ENVELOPE_MAX
     r = rig.run(env_bytes=env_bytes)
-    held(r, TEMPORARY, "envelope larger than %d bytes" % queue_limits.ENVELOPE_MAX)
+    held(r, TEMPORARY, "envelope larger than %d bytes" % ENVELOPE_MAX)
     assert r.code == 51 and scanner.requests == []
 
 
