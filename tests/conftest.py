@@ -6,6 +6,9 @@ FPQMAIL_UNDER_TEST picks what is run: `module` (default: python -m fpqmail) or
 `binary` (the Nuitka build, FPQMAIL_BINARY, default build/fp-qmail.dist/fp-qmail).
 """
 import os
+import pwd
+import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +45,45 @@ def base_environment():
 def envelope(sender=b"alice@example.org", *recipients):
     recipients = recipients or (b"bob@example.net",)
     return b"F" + sender + b"\0" + b"".join(b"T" + r + b"\0" for r in recipients) + b"\0"
+
+
+def free_port():
+    """A TCP port of 127.0.0.1 that nothing listens on (for 'scanner not listening')."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_user(name):
+    """A system user for the setuid tests (they run as root, as CI does)."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                       check=True)
+        return pwd.getpwnam(name)
+
+
+def become(user):
+    """A preexec function: the child drops to user (real and effective ids)."""
+    account = pwd.getpwnam(user)
+
+    def drop():
+        os.setgroups([])
+        os.setgid(account.pw_gid)
+        os.setuid(account.pw_uid)
+    return drop
+
+
+def install_setuid_binary(directory, owner):
+    """A copy of the binary's dist folder in directory (root-owned), the binary setuid to
+    owner, mode 4711, as the seed installs it for qmailq. Returns its path."""
+    dist = Path(directory) / "dist"
+    shutil.copytree(BINARY.parent, dist)
+    binary = dist / BINARY.name
+    os.chown(binary, owner.pw_uid, owner.pw_gid)
+    binary.chmod(0o4711)
+    return binary
 
 
 MESSAGE = (b"Received: from mx.example.org by example.net\n"

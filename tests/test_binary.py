@@ -4,10 +4,8 @@ without the imports build.py removed. The rest of the suite runs against the bin
 too (`make test`, FPQMAIL_UNDER_TEST=binary); these tests are about the binary itself.
 """
 import os
-import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import scanner_double as sd
-from conftest import BINARY, MESSAGE, UNDER_TEST, envelope
+from conftest import (BINARY, MESSAGE, UNDER_TEST, become, ensure_user, envelope, free_port,
+                      install_setuid_binary)
 
 binary_only = pytest.mark.skipif(UNDER_TEST != "binary",
                                  reason="about the Nuitka binary: FPQMAIL_UNDER_TEST=binary")
@@ -28,12 +27,6 @@ CALLER = "nobody"
 HEAVY_MODULES = {"ast", "dis", "enum", "re", "tokenize", "linecache", "collections",
                  "functools", "contextlib", "socket", "selectors", "signal", "subprocess",
                  "logging", "tempfile", "random", "typing"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def leftovers_in(directory, pid):
@@ -113,36 +106,15 @@ def test_python_variables_from_the_caller_never_make_a_silent_success(rig, varia
 
 @pytest.fixture
 def setuid_binary():
-    """A copy of the dist folder in a root-owned directory, the binary setuid to a
-    test user (mode 4711, as the seed installs it for qmailq)."""
+    """The binary installed setuid to a test user in a root-owned directory."""
     assert os.geteuid() == 0, "this test installs a setuid binary: run it as root (make test)"
-    try:
-        owner = pwd.getpwnam(SETUID_OWNER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                        "/usr/sbin/nologin", SETUID_OWNER], check=True)
-        owner = pwd.getpwnam(SETUID_OWNER)
+    owner = ensure_user(SETUID_OWNER)
     root = Path(tempfile.mkdtemp(prefix="fpq-setuid-", dir="/var/tmp"))
     try:
         root.chmod(0o755)
-        dist = root / "dist"
-        shutil.copytree(BINARY.parent, dist)
-        exe = dist / BINARY.name
-        os.chown(exe, owner.pw_uid, owner.pw_gid)
-        exe.chmod(0o4711)
-        yield exe, owner
+        yield install_setuid_binary(root, owner), owner
     finally:
         shutil.rmtree(root)
-
-
-def become(user):
-    account = pwd.getpwnam(user)
-
-    def drop():
-        os.setgroups([])
-        os.setgid(account.pw_gid)
-        os.setuid(account.pw_uid)
-    return drop
 
 
 @binary_only

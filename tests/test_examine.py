@@ -3,7 +3,6 @@
 import hashlib
 import io
 import mmap
-import os
 import tempfile
 
 import pytest

@@ -4,14 +4,13 @@ after every test that tmpdir holds nothing of ours."""
 import os
 import re
 import signal
-import socket
 import stat
 import time
 
 import pytest
 
 import scanner_double as sd
-from conftest import MESSAGE, envelope
+from conftest import MESSAGE, envelope, free_port
 
 TEMPORARY = {51, 52, 53, 54, 55, 71, 72, 73, 74, 81, 91}
 
@@ -22,12 +21,6 @@ def signals_the_caller_ignores():
     with open("/proc/self/status") as f:
         mask = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
     return [n for n in range(1, 64) if mask >> (n - 1) & 1 and n not in (signal.SIGPIPE, signal.SIGXFSZ)]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- delivery ----------------------------------------------------------------------

@@ -5,7 +5,6 @@ setuid; every refusal changes nothing. Needs root and build/fp-qmail.dist (make 
 """
 import os
 import pwd
-import socket
 import stat
 import subprocess
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import scanner_double as sd
-from conftest import MESSAGE, REPO, Rig, standin_executable
+from conftest import MESSAGE, REPO, Rig, become, free_port, standin_executable
 from deb_root import snapshot
 
 BINARY = REPO / "build" / "fp-qmail.dist" / "fp-qmail"
@@ -115,14 +114,8 @@ def test_installed_qmail_queue_delivers_without_its_folder(destdir, qmail):
         os.chown(d, qmailq.pw_uid, qmailq.pw_gid)
     rig.scan_with(sd.clean)
     rig.env["FP_QMAIL_QUEUE"] = str(qmail / "bin" / "qmail-queue.orig")
-
-    def become_qmailq():
-        os.setgroups([])
-        os.setgid(qmailq.pw_gid)
-        os.setuid(qmailq.pw_uid)
-
     try:
-        result = rig.run(command=[str(qmail / "bin" / "qmail-queue")], preexec=become_qmailq)
+        result = rig.run(command=[str(qmail / "bin" / "qmail-queue")], preexec=become("qmailq"))
     finally:
         rig.close()
     assert result.code == 0, result
@@ -136,20 +129,10 @@ def test_installed_qmail_queue_runs_setuid(destdir, qmail):
     """Run by nobody it starts as qmailq from bin/ (no $ORIGIN, no folder), reads the
     envelope, spools, and reports the scanner it cannot reach as a temporary failure."""
     assert make("install", destdir).returncode == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
-    nobody = pwd.getpwnam("nobody")
     (destdir / "rig").mkdir()
     rig = Rig(destdir / "rig")
-    rig.env.update({"FP_QMAIL_SCANNER": "127.0.0.1:%d" % closed_port, "FP_QMAIL_ON_ERROR": "tempfail"})
-
-    def become_nobody():
-        os.setgroups([])
-        os.setgid(nobody.pw_gid)
-        os.setuid(nobody.pw_uid)
-
-    result = rig.run(command=[str(qmail / "bin" / "qmail-queue")], preexec=become_nobody)
+    rig.env.update({"FP_QMAIL_SCANNER": "127.0.0.1:%d" % free_port(), "FP_QMAIL_ON_ERROR": "tempfail"})
+    result = rig.run(command=[str(qmail / "bin" / "qmail-queue")], preexec=become("nobody"))
     assert result.code == 73, result
     assert "fp-qmail[" in result.stderr and result.delivered == []
 

@@ -9,27 +9,18 @@ user as effective uid (a script cannot be setuid). Both need root to set up.
 import os
 import pwd
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
 import scanner_double as sd
-from conftest import BINARY, MESSAGE, REPO, UNDER_TEST, Rig, envelope, standin_executable
+from conftest import (MESSAGE, REPO, UNDER_TEST, Rig, become, ensure_user, envelope,
+                      install_setuid_binary, standin_executable)
 
 OWNER = "fpqowner"
 SYSTEM_PYTHON = "/usr/bin/python3.11"
 CONF = Path("/etc/f-prot.conf")
-
-
-def ensure_user(name):
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                       check=True)
-        return pwd.getpwnam(name)
 
 
 @pytest.fixture
@@ -46,17 +37,8 @@ def setuid_rig():
     rig.queue = standin_executable(root, python=SYSTEM_PYTHON)
     rig.env["QQ_STANDIN_DIR"] = str(rig.queue_dir)
     if UNDER_TEST == "binary":
-        dist = root / "dist"
-        shutil.copytree(BINARY.parent, dist)
-        binary = dist / BINARY.name
-        os.chown(binary, owner.pw_uid, owner.pw_gid)
-        binary.chmod(0o4711)
-        rig.command = [str(binary)]
-
-        def become_caller():
-            os.setgroups([])
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
+        rig.command = [str(install_setuid_binary(root, owner))]
+        become_caller = become("nobody")
     else:
         rig.command = [SYSTEM_PYTHON, "-m", "fpqmail"]
         rig.env["PYTHONPATH"] = str(REPO)
