@@ -93,7 +93,7 @@ deb: deps-deb build
 
 # Installs the package into a throwaway Debian root with a stand-in qmail (slow: ~2 min).
 test-deb: deb
-	$(PYTHON) -m pytest -q -m deb tests/packaging
+	$(PYTHON) -m pytest -q -m deb tests/test_deb.py
 
 clean:
 	rm -rf build dist .pytest_cache .hypothesis
