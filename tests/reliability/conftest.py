@@ -4,7 +4,6 @@ What is added here: real broken peers (raw sockets), tmpfs mounts, a copy of the
 binary and the stand-in that other users can run, and the summary table (summary.py).
 """
 import os
-import pwd
 import shutil
 import socket
 import struct
@@ -29,26 +28,6 @@ CALLER = "nobody"
 
 def pytest_configure(config):
     summary.pytest_configure(config)
-
-
-def ensure_user(name):
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                       check=True)
-        return pwd.getpwnam(name)
-
-
-def become(user):
-    """A preexec function: the child drops to user (real and effective ids)."""
-    account = pwd.getpwnam(user)
-
-    def drop():
-        os.setgroups([])
-        os.setgid(account.pw_gid)
-        os.setuid(account.pw_uid)
-    return drop
 
 
 # ---- broken peers ----------------------------------------------------------------------

@@ -25,10 +25,11 @@ from pathlib import Path
 import pytest
 
 import scanner_double as sd
-from conftest import BINARY, MESSAGE, TESTS, UNDER_TEST, Rig, envelope, standin_executable
+from conftest import (MESSAGE, TESTS, UNDER_TEST, Rig, become, ensure_user, envelope,
+                      install_setuid_binary, standin_executable)
 
 from .checks import SUCCESS, TEMPORARY, kind
-from .conftest import CALLER, OWNER, SYSTEM_PYTHON, become, ensure_user, predictable_names, remove_all
+from .conftest import CALLER, OWNER, SYSTEM_PYTHON, predictable_names, remove_all
 
 pytestmark = pytest.mark.skipif(UNDER_TEST != "binary", reason=(
     "setuid attacks are about the installed binary: a Python script cannot be setuid "
@@ -71,10 +72,7 @@ class World:
                          .replace(" -S ", " -I -S "))
         assert " -I -S " in queue.read_text()
         self.rig.queue = queue
-        shutil.copytree(BINARY.parent, root / "dist")
-        self.binary = root / "dist" / BINARY.name
-        os.chown(self.binary, self.owner.pw_uid, self.owner.pw_gid)
-        self.binary.chmod(0o4711)
+        self.binary = install_setuid_binary(root, self.owner)
         # The owner's own files: what a confused deputy would overwrite.
         self.home = root / "owner-home"
         self.home.mkdir(mode=0o700)

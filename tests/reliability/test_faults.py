@@ -13,12 +13,12 @@ import time
 import pytest
 
 import scanner_double as sd
-from conftest import MESSAGE, TESTS, envelope, fp_qmail_command
+from conftest import MESSAGE, TESTS, become, envelope, fp_qmail_command, free_port
 from fpqmail.queue import ENVELOPE_MAX
 from scand_fixtures import Scand
 
 from .checks import PERMANENT, SUCCESS, TEMPORARY, held
-from .conftest import become, dead, predictable_names, remove_all
+from .conftest import dead, predictable_names, remove_all
 
 fault = pytest.mark.fault
 BIG_LINE = b"x" * (1 << 20)
@@ -661,9 +661,3 @@ def test_file_size_limit(rig, limit):
                 preexec=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     held(r, TEMPORARY, "File too large")
     assert r.code == 53
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

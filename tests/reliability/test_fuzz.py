@@ -31,12 +31,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import mime_corpus as mc
 import qmail_queue_standin as standin
+from conftest import become
 from fpqmail import queue, shconf
 from fpqmail.scand import protocol
 from fpqmail.scand.engines import make_engine
 from fpqmail.scand.examine import examine
-
-from .conftest import become
 
 CASES = int(os.environ.get("FPQMAIL_FUZZ_CASES", "300"))
 FUZZ_HANG_SECONDS = 10
