@@ -237,9 +237,10 @@ class Summary:
         tried_a = sum(t for t, _ in attacks.values())
         held_a = sum(h for _, h in attacks.values())
         line("Setuid attacks: %d tried, %d held" % (tried_a, held_a))
+        width = max(map(len, attacks), default=0)
         for name in sorted(attacks):
             t, h = attacks[name]
-            line("  %-66s %3d %3d%s" % (name, t, h, "" if t == h else "   <-- NOT HELD"))
+            line("  %-*s %3d %3d%s" % (width, name, t, h, "" if t == h else "   <-- NOT HELD"))
         if STRICT:
             missing = self.missing()
             if missing:
