@@ -49,6 +49,20 @@ def test_clean_output_is_header_plus_original(builtin):
     assert output == b"X-Antivirus: scanned by fp-qmail (builtin)\n" + built.data
 
 
+@pytest.mark.parametrize("payload, status", [(b"harmless", "clean"), (EICAR, "infected")])
+def test_a_boundary_with_non_ascii_bytes_makes_one_unsplittable_leaf(builtin, payload, status):
+    # Found by the full fuzz run: such a boundary crashed the parser (the daemon then
+    # answered ERROR for that message forever). It is not usable: the body is one leaf.
+    data = (b"Subject: x\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\xff\"b\"\n\n"
+            b"--b\nContent-Type: text/plain\n\n" + payload + b"\n--b--\n")
+    result = examine(data, None, [builtin])
+    assert result.status == status
+    out = io.BytesIO()
+    result.write(out)
+    if status == "clean":
+        assert out.getvalue() == b"X-Antivirus: scanned by fp-qmail (builtin)\n" + data
+
+
 def test_cleaned_header_names_threat_and_file(builtin):
     result, output = run(CORPUS["zip-eicar-crlf"], [builtin])
     assert result.threats == ["EICAR-Test-File in invoice.zip"]

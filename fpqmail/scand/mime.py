@@ -134,6 +134,8 @@ def _describe(fields, default_type):
         elif name == b"content-transfer-encoding":
             encoding = text.strip().lower() or "7bit"
     boundary = msg.get_boundary()
+    if boundary is not None and not boundary.isascii():
+        boundary = None  # RFC 2046 boundaries are ASCII: one with other bytes is not usable
     return msg.get_content_type(), encoding, _filename(msg), boundary
 
 
