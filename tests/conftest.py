@@ -117,7 +117,7 @@ def standin_executable(directory, python=sys.executable):
 def read_deliveries(directory):
     import json
     out = []
-    for msg in sorted(Path(directory).glob("*.msg")):
+    for msg in sorted(Path(directory).glob("[!.]*.msg")):  # not the stand-in's partial one
         base = msg.with_suffix("")
         out.append((msg.read_bytes(), base.with_suffix(".env").read_bytes(),
                     json.loads(base.with_suffix(".json").read_text())))

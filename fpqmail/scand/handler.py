@@ -187,11 +187,14 @@ def _contents(fd, size, mappable):
 
 
 def _write_out(examined, out_fd):
-    with os.fdopen(os.dup(out_fd), "wb", buffering=1 << 16) as out:
-        written = examined.write(out)
-        out.flush()
-        if os.fstat(out.fileno()).st_size != written:
-            raise Refused("Out changed while it was written")
+    try:
+        with os.fdopen(os.dup(out_fd), "wb", buffering=1 << 16) as out:
+            written = examined.write(out)
+            out.flush()
+            if os.fstat(out.fileno()).st_size != written:
+                raise Refused("Out changed while it was written")
+    except OSError as e:  # a full disk is the administrator's to see, not a bug of ours
+        raise Refused(f"cannot write Out: {e.strerror}") from None
     if written == 0:
         raise Refused("nothing to deliver")
     return written
