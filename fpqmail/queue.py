@@ -195,11 +195,14 @@ def choice(settings, key, allowed):
     return value
 
 
+TRUE_WORDS = ("yes", "1", "true")
+
+
 def flag(settings, key):
-    return choice(settings, key, ("yes", "no", "1", "0", "true", "false")) in ("yes", "1", "true")
+    return choice(settings, key, TRUE_WORDS + ("no", "0", "false")) in TRUE_WORDS
 
 
-def directory_path(settings, key):
+def absolute_path(settings, key):
     value = settings[key]
     if not value.startswith("/") or not all(" " <= c < "\x7f" for c in value):
         raise config_error(key, value, "must be an absolute path of printable ASCII")
@@ -520,7 +523,7 @@ def scan_and_queue(fd6):
     global loglevel, log_stderr, alarm_code
     setuid = posix.getuid() != posix.geteuid() or posix.getgid() != posix.getegid()
     # Until the settings are read, a failure to read them is logged as the environment says.
-    log_stderr = posix.environ.get(b"FP_QMAIL_LOG_STDERR") in (b"yes", b"1", b"true")
+    log_stderr = posix.environ.get(b"FP_QMAIL_LOG_STDERR", b"").decode("latin-1") in TRUE_WORDS
     settings, problems = load_settings(setuid)
     log_stderr = flag(settings, "FP_QMAIL_LOG_STDERR")
     value = settings["FP_QMAIL_LOGLEVEL"]
@@ -532,9 +535,9 @@ def scan_and_queue(fd6):
     endpoints = scanner_endpoints(settings)
     connect_timeout = number(settings, "FP_QMAIL_CONNECT_TIMEOUT", 0, 86400)
     timeout = number(settings, "FP_QMAIL_TIMEOUT", 0, 86400)
-    tmpdir = directory_path(settings, "FP_QMAIL_TMPDIR")
+    tmpdir = absolute_path(settings, "FP_QMAIL_TMPDIR")
     group_access = flag(settings, "FP_QMAIL_GROUP_ACCESS")
-    queue = directory_path(settings, "FP_QMAIL_QUEUE")
+    queue = absolute_path(settings, "FP_QMAIL_QUEUE")
     on_virus = choice(settings, "FP_QMAIL_ON_VIRUS", ("deliver", "reject", "drop"))
     on_error = choice(settings, "FP_QMAIL_ON_ERROR", ("tempfail", "pass"))
     reject_text = settings["FP_QMAIL_REJECT_TEXT"]

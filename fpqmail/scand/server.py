@@ -53,14 +53,18 @@ class Runtime:
         return examine(message, fd, self.engines)
 
 
+def _engine_settings(settings):
+    return {k: v for k, v in settings.raw.items() if k.startswith("FP_SCAND_")}
+
+
 def build_runtime(settings, previous=None) -> Runtime:
     """Engines and stores for settings; raises SettingsError for anything unusable.
 
     Engines are kept (and told to reload their signatures) when neither the engine list
     nor any FP_SCAND_* setting changed, else built anew."""
-    engine_settings = {k: v for k, v in settings.raw.items() if k.startswith("FP_SCAND_")}
+    engine_settings = _engine_settings(settings)
     if previous and previous.settings.engines == settings.engines and \
-            {k: v for k, v in previous.settings.raw.items() if k.startswith("FP_SCAND_")} == engine_settings:
+            _engine_settings(previous.settings) == engine_settings:
         engines = previous.engines
         for engine in engines:
             try:
