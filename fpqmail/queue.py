@@ -26,6 +26,10 @@ import posix
 import syslog
 import time
 
+from fpqmail import envelope as qmail_envelope
+from fpqmail import values
+from fpqmail.values import printable
+
 # Exit codes (qmail-queue's, ../shared/reference/qmail-queue.md). Every failure path
 # below raises Fail with exactly one of these names.
 ADDRESS_TOO_LONG = 11   # an envelope address of 1003 bytes or more
@@ -45,10 +49,8 @@ INTERNAL = 81           # a bug of ours: logged with the exception
 CUSTOM_TEXT = 82        # the text on fd 6 says permanent (D) or temporary (Z)
 ENVELOPE_FORMAT = 91    # envelope not F... T... as qmail-queue demands
 
-ADDR_MAX = 1003         # qmail-queue's ADDR: an address must be shorter
 ENVELOPE_MAX = 64 << 20
 REPLY_MAX = 64 << 10
-CONFIG_MAX = 1 << 20
 CHUNK = 1 << 20
 
 DEFAULTS = {
@@ -100,14 +102,6 @@ def log(priority, text):
     syslog.syslog(priority, text)
 
 
-def printable(data, limit=200):
-    """Bytes from outside (addresses, scanner text) made safe for one log line."""
-    if isinstance(data, bytes):
-        data = data.decode("latin-1")
-    text = "".join(c if " " <= c < "\x7f" else "?" for c in data[:limit])
-    return text + "..." if len(data) > limit else text
-
-
 # ---- signals: any of them while working means remove the temp files, exit -------
 
 dying = False
@@ -149,86 +143,31 @@ def load_settings(setuid):
 
 
 def read_config(path):
+    from fpqmail import shconf
     try:
-        fd = posix.open(path, posix.O_RDONLY | posix.O_NONBLOCK)
+        found, problems = shconf.read(path)
     except FileNotFoundError:
         return {}, ()
     except OSError as e:
-        raise Fail(CONFIG_FAILED, "cannot open config %s: %s" % (path, e.strerror))
-    try:
-        data = b""
-        while len(data) <= CONFIG_MAX:
-            chunk = posix.read(fd, CONFIG_MAX + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
-    except OSError as e:
         raise Fail(CONFIG_FAILED, "cannot read config %s: %s" % (path, e.strerror))
-    finally:
-        posix.close(fd)
-    if len(data) > CONFIG_MAX:
-        raise Fail(CONFIG_FAILED, "config %s is larger than %d bytes" % (path, CONFIG_MAX))
-    from fpqmail import shconf
-    values, problems = shconf.parse(data.decode("utf-8", "surrogateescape"))
-    return values, [(path, n, p) for n, p in problems]
+    except ValueError as e:
+        raise Fail(CONFIG_FAILED, "config %s is %s" % (path, e))
+    return found, [(path, n, p) for n, p in problems]
 
 
-def config_error(key, value, why):
-    return Fail(CONFIG_FAILED, "bad setting %s=%s: %s" % (key, printable(value), why))
-
-
-def number(settings, key, low, high):
+def setting(settings, key, parse, *args):
+    """settings[key] through a parser of fpqmail.values; exit 55 naming key and value."""
     value = settings[key]
     try:
-        n = float(value)
-    except ValueError:
-        raise config_error(key, value, "not a number")
-    if not low < n <= high:  # also rejects nan
-        raise config_error(key, value, "must be more than %g and at most %g" % (low, high))
-    return n
+        return parse(value, *args)
+    except ValueError as e:
+        raise Fail(CONFIG_FAILED, "bad setting %s=%s: %s" % (key, printable(value, 200), e))
 
 
-def choice(settings, key, allowed):
-    value = settings[key]
+def choice(value, allowed):
     if value not in allowed:
-        raise config_error(key, value, "must be one of " + "|".join(allowed))
+        raise ValueError("must be one of " + "|".join(allowed))
     return value
-
-
-TRUE_WORDS = ("yes", "1", "true")
-
-
-def flag(settings, key):
-    return choice(settings, key, TRUE_WORDS + ("no", "0", "false")) in TRUE_WORDS
-
-
-def absolute_path(settings, key):
-    value = settings[key]
-    if not value.startswith("/") or not all(" " <= c < "\x7f" for c in value):
-        raise config_error(key, value, "must be an absolute path of printable ASCII")
-    return value.rstrip("/") or "/"
-
-
-def scanner_endpoints(settings):
-    """FP_QMAIL_SCANNER: host:port, [ipv6]:port or /unix/path, comma-separated."""
-    value = settings["FP_QMAIL_SCANNER"]
-    endpoints = []
-    for entry in value.split(","):
-        entry = entry.strip()
-        if entry.startswith("/"):
-            endpoints.append((_socket.AF_UNIX, entry, entry))
-            continue
-        host, sep, port = entry.rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            family, host = _socket.AF_INET6, host[1:-1]
-        else:
-            family = _socket.AF_INET
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 \
-                or not port.isascii():
-            raise config_error("FP_QMAIL_SCANNER", value,
-                               "entries are host:port, [ipv6]:port or /unix/path")
-        endpoints.append((family, (host, int(port)), entry))
-    return endpoints
 
 
 # ---- the temp files ---------------------------------------------------------------
@@ -335,26 +274,15 @@ def read_envelope():
     return bytes(data)
 
 
+ENVELOPE_EXITS = {qmail_envelope.ENDED_EARLY: READ_FAILED, qmail_envelope.FORMAT_ERROR: ENVELOPE_FORMAT,
+                  qmail_envelope.ADDRESS_TOO_LONG: ADDRESS_TOO_LONG}
+
+
 def check_envelope(data):
     """qmail-queue's envelope checks, in the order it makes them while reading:
     returns (exit code or 0, length of the envelope including its final NUL)."""
-    if not data:
-        return READ_FAILED, 0
-    if data[0] != 0x46:  # F
-        return ENVELOPE_FORMAT, 0
-    pos = 1
-    while True:
-        nul = data.find(b"\0", pos, pos + ADDR_MAX)
-        if nul < 0:
-            return (ADDRESS_TOO_LONG if len(data) - pos >= ADDR_MAX else READ_FAILED), 0
-        pos = nul + 1
-        if pos >= len(data):
-            return READ_FAILED, 0
-        if data[pos] == 0:
-            return 0, pos + 1
-        if data[pos] != 0x54:  # T
-            return ENVELOPE_FORMAT, 0
-        pos += 1
+    problem, length = qmail_envelope.check(data)
+    return (ENVELOPE_EXITS[problem] if problem else 0), length
 
 
 # ---- the Mail Scanner (docs/protocol.md) ----------------------------------------------
@@ -417,12 +345,12 @@ def parse_reply(reply):
         raise Fail(SCANNER_GARBLED, "scanner reply is not ASCII", True)
     version, _, status = lines[0].partition(" ")
     if version != "FPQMAIL/1" or status not in STATUSES:
-        raise Fail(SCANNER_GARBLED, "scanner reply starts with %r" % printable(lines[0]), True)
+        raise Fail(SCANNER_GARBLED, "scanner reply starts with %r" % printable(lines[0], 200), True)
     fields = {}
     for line in lines[1:]:
         key, sep, value = line.partition(":")
         if not sep or not key or not key.replace("-", "").isalnum():
-            raise Fail(SCANNER_GARBLED, "scanner reply line %r" % printable(line), True)
+            raise Fail(SCANNER_GARBLED, "scanner reply line %r" % printable(line, 200), True)
         fields.setdefault(key.lower(), []).append(value.strip())
     for key in STATUSES[status]:
         if not fields.get(key) or not all(fields[key]):
@@ -434,7 +362,7 @@ def announced_size(fields, fo_fd):
     """The Size the scanner announced, checked against the fo we hold open."""
     values = fields["size"]
     if len(values) != 1 or not values[0].isdigit() or not values[0].isascii():
-        raise Fail(SCANNER_GARBLED, "scanner reply with Size %r" % printable(",".join(values)), True)
+        raise Fail(SCANNER_GARBLED, "scanner reply with Size %r" % printable(",".join(values), 200), True)
     size = int(values[0])
     actual = posix.fstat(fo_fd).st_size
     if size == 0 or size != actual:
@@ -513,7 +441,7 @@ def failure(e, fd6):
     if isinstance(e, MemoryError):
         log(syslog.LOG_ERR, "out of memory (exit %d)" % OUT_OF_MEMORY)
         return OUT_OF_MEMORY
-    log(syslog.LOG_ERR, "internal error: %s: %s (exit %d)" % (type(e).__name__, printable(str(e)), INTERNAL))
+    log(syslog.LOG_ERR, "internal error: %s: %s (exit %d)" % (type(e).__name__, printable(str(e), 200), INTERNAL))
     return INTERNAL
 
 
@@ -523,23 +451,20 @@ def scan_and_queue(fd6):
     global loglevel, log_stderr, alarm_code
     setuid = posix.getuid() != posix.geteuid() or posix.getgid() != posix.getegid()
     # Until the settings are read, a failure to read them is logged as the environment says.
-    log_stderr = posix.environ.get(b"FP_QMAIL_LOG_STDERR", b"").decode("latin-1") in TRUE_WORDS
+    log_stderr = posix.environ.get(b"FP_QMAIL_LOG_STDERR", b"").decode("latin-1") in values.TRUE_WORDS
     settings, problems = load_settings(setuid)
-    log_stderr = flag(settings, "FP_QMAIL_LOG_STDERR")
-    value = settings["FP_QMAIL_LOGLEVEL"]
-    if not (len(value) == 1 and "0" <= value <= "7"):
-        raise config_error("FP_QMAIL_LOGLEVEL", value, "must be 0..7")
-    loglevel = int(value)
+    log_stderr = setting(settings, "FP_QMAIL_LOG_STDERR", values.flag)
+    loglevel = setting(settings, "FP_QMAIL_LOGLEVEL", values.number, 0, 7, int)
     for path, line, problem in problems:
-        log(syslog.LOG_WARNING, "%s line %d skipped: %s" % (path, line, printable(problem)))
-    endpoints = scanner_endpoints(settings)
-    connect_timeout = number(settings, "FP_QMAIL_CONNECT_TIMEOUT", 0, 86400)
-    timeout = number(settings, "FP_QMAIL_TIMEOUT", 0, 86400)
-    tmpdir = absolute_path(settings, "FP_QMAIL_TMPDIR")
-    group_access = flag(settings, "FP_QMAIL_GROUP_ACCESS")
-    queue = absolute_path(settings, "FP_QMAIL_QUEUE")
-    on_virus = choice(settings, "FP_QMAIL_ON_VIRUS", ("deliver", "reject", "drop"))
-    on_error = choice(settings, "FP_QMAIL_ON_ERROR", ("tempfail", "pass"))
+        log(syslog.LOG_WARNING, "%s line %d skipped: %s" % (path, line, printable(problem, 200)))
+    endpoints = setting(settings, "FP_QMAIL_SCANNER", values.endpoints)
+    connect_timeout = setting(settings, "FP_QMAIL_CONNECT_TIMEOUT", values.number, 0.001, 86400)
+    timeout = setting(settings, "FP_QMAIL_TIMEOUT", values.number, 0.001, 86400)
+    tmpdir = setting(settings, "FP_QMAIL_TMPDIR", values.absolute_path)
+    group_access = setting(settings, "FP_QMAIL_GROUP_ACCESS", values.flag)
+    queue = setting(settings, "FP_QMAIL_QUEUE", values.absolute_path)
+    on_virus = setting(settings, "FP_QMAIL_ON_VIRUS", choice, ("deliver", "reject", "drop"))
+    on_error = setting(settings, "FP_QMAIL_ON_ERROR", choice, ("tempfail", "pass"))
     reject_text = settings["FP_QMAIL_REJECT_TEXT"]
 
     # 1. The message, then the envelope: qmail's callers write them in that order.
@@ -552,7 +477,7 @@ def scan_and_queue(fd6):
             READ_FAILED: "ended early", ENVELOPE_FORMAT: "format error",
             ADDRESS_TOO_LONG: "address too long"}[code])
     envelope = data[:length]
-    summary["sender"] = printable(envelope[1:envelope.index(b"\0")])
+    summary["sender"] = printable(envelope[1:envelope.index(b"\0")], 200)
     summary["rcpts"] = envelope.count(b"\0") - 2
 
     # 2. The scan.
@@ -569,7 +494,7 @@ def scan_and_queue(fd6):
             _signal.alarm(86400)
         status, fields = parse_reply(reply)
         if status == "ERROR":
-            raise Fail(SCANNER_FAILED, "scanner error: %s" % printable(fields["reason"][0]), True)
+            raise Fail(SCANNER_FAILED, "scanner error: %s" % printable(fields["reason"][0], 200), True)
         if status != "INFECTED":
             announced_size(fields, fo_fd)
     except Fail as f:
@@ -600,7 +525,7 @@ def unscanned_copy(tmpdir, fi_fd, reason):
     written by a scanner that we gave up on."""
     try:
         fd = posix.open(tmpdir, posix.O_TMPFILE | posix.O_RDWR, 0o600)
-        posix.write(fd, b"X-Antivirus: not scanned (%s)\n" % printable(reason).encode())
+        posix.write(fd, b"X-Antivirus: not scanned (%s)\n" % printable(reason, 200).encode())
         posix.lseek(fi_fd, 0, 0)
     except OSError as e:
         raise Fail(WRITE_FAILED, "cannot make the unscanned copy: %s" % e.strerror)

@@ -6,9 +6,35 @@ The file is meant to be sourced by the script that starts qmail, so its lines ar
 quotes, comments and blank lines. Nothing is ever executed or expanded: a line that
 needs the shell to mean something (`$VAR`, a backquote, `$(...)`, a command, an
 unterminated quote) is reported and skipped, never guessed at.
+
+The one reader of the file for fp-qmail and fpqmail-scand alike.
 """
+import posix
+
+SIZE_MAX = 1 << 20  # a settings file larger than this is refused, not read
 
 _SPECIAL = set(" \t;&|<>()")
+
+
+def read(path):
+    """(values, problems) of the settings file at path. Raises FileNotFoundError when it
+    does not exist, OSError when it cannot be read, ValueError when it is larger than
+    SIZE_MAX. O_NONBLOCK: a FIFO planted under the name cannot hang the reader."""
+    fd = posix.open(path, posix.O_RDONLY | posix.O_NONBLOCK | posix.O_CLOEXEC)
+    try:
+        chunks = []
+        size = 0
+        while size <= SIZE_MAX:
+            chunk = posix.read(fd, SIZE_MAX + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        posix.close(fd)
+    if size > SIZE_MAX:
+        raise ValueError("larger than %d bytes" % SIZE_MAX)
+    return parse(b"".join(chunks).decode("utf-8", "surrogateescape"))
 
 
 def parse(text):

@@ -6,6 +6,8 @@ original bytes, except that each removed part's bytes (between its delimiter lin
 replaced by a short text/plain notice. Nothing else is re-encoded or refolded.
 """
 
+from fpqmail.values import printable
+
 from . import mime
 
 HEADER_WIDTH = 78
@@ -90,9 +92,9 @@ class _Findings:
         named = {}
         for part, threats in self.parts.items():
             for threat in threats:
-                named[_printable(f"{threat} in {part.filename}" if part.filename else threat)] = threat
+                named[printable(f"{threat} in {part.filename}" if part.filename else threat, MAX_THREAT)] = threat
         seen = set(named.values())
-        return list(dict.fromkeys([*named, *(_printable(t) for t in self.whole if t not in seen)]))
+        return list(dict.fromkeys([*named, *(printable(t, MAX_THREAT) for t in self.whole if t not in seen)]))
 
     def removable_parts(self):
         """The outermost separable parts that hold the infected leaves, in order;
@@ -164,12 +166,6 @@ def _notice(infected_leaves, newline):
               f"Content-Transfer-Encoding: {encoding}{newline.decode()}"
               f"Content-Disposition: inline{newline.decode()}{newline.decode()}")
     return header.encode("ascii") + body
-
-
-def _printable(text):
-    """A threat for the X-Antivirus header and the reply: printable ASCII, bounded."""
-    text = "".join(c if " " <= c <= "~" else "?" for c in text)
-    return text if len(text) <= MAX_THREAT else text[:MAX_THREAT - 3] + "..."
 
 
 def _fold(items, column, newline):

@@ -8,6 +8,9 @@ part that handles bytes from strangers easy to test and to fuzz.
 import re
 from dataclasses import dataclass
 
+from fpqmail import envelope as qmail_envelope
+from fpqmail.values import printable
+
 MAX_LINE = 4096                  # bytes in one head line, without its line end
 MAX_HEADER_LINES = 64            # header lines after the request line
 MAX_ENVELOPE = 64 * 1024 * 1024  # bytes of raw envelope
@@ -126,13 +129,12 @@ def _parse_headers(lines) -> Request:
 
 
 def parse_envelope(raw: bytes) -> Envelope:
-    """qmail's envelope: F<sender>\\0, T<recipient>\\0 per recipient, then \\0."""
-    if not raw.startswith(b"F") or not raw.endswith(b"\0\0"):
-        raise ProtocolError("malformed envelope")
-    fields = raw[:-1].split(b"\0")  # the last \0 ends the list; the split leaves a b""
-    if fields[-1] != b"" or any(not f.startswith(b"T") for f in fields[1:-1]):
-        raise ProtocolError("malformed envelope")
-    return Envelope(fields[0][1:], tuple(f[1:] for f in fields[1:-1]))
+    """qmail's envelope (fpqmail.envelope): F<sender>\\0, T<recipient>\\0 per recipient, \\0."""
+    try:
+        sender, recipients = qmail_envelope.split(raw)
+    except ValueError:
+        raise ProtocolError("malformed envelope") from None
+    return Envelope(sender, tuple(recipients))
 
 
 def format_reply(status: str, headers=()) -> bytes:
@@ -156,7 +158,3 @@ def format_reply(status: str, headers=()) -> bytes:
 def error_reply(reason: str) -> bytes:
     return format_reply("ERROR", [("Reason", reason)])
 
-
-def printable(text: str) -> str:
-    """One line of printable ASCII: anything else becomes '?'."""
-    return "".join(c if " " <= c <= "~" else "?" for c in str(text))

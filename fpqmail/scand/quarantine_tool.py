@@ -24,6 +24,7 @@ from . import log, settings
 from .log import logger
 from .quarantine import Store, StoreError, envelope_of
 from fpqmail.queue import DEFAULTS as CLIENT_DEFAULTS
+from fpqmail.values import printable
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -97,8 +98,8 @@ def list_entries(store):
         except StoreError as e:
             print(f"fpqmail-quarantine: {e}", file=sys.stderr)
             continue
-        out.write("\t".join([entry_id, m["time"], m["status"], _shown(m["sender"]) or "<>",
-                             ",".join(_shown(r) for r in m["recipients"]),
+        out.write("\t".join([entry_id, m["time"], m["status"], printable(m["sender"]) or "<>",
+                             ",".join(printable(r) for r in m["recipients"]),
                              "; ".join(m["threats"])]) + "\n")
     out.flush()
 
@@ -108,8 +109,8 @@ def show(store, entry_id):
     message = store.original(entry_id)
     lines = [f"ID: {entry_id}", f"Kind: {m['kind']}", f"Time: {m['time']}", f"Status: {m['status']}",
              f"Threats: {'; '.join(m['threats'])}", f"Engines: {', '.join(m['engines'])}",
-             f"Sender: <{_shown(m['sender'])}>"]
-    lines += [f"Recipient: <{_shown(r)}>" for r in m["recipients"]]
+             f"Sender: <{printable(m['sender'])}>"]
+    lines += [f"Recipient: <{printable(r)}>" for r in m["recipients"]]
     lines += [f"Size: {m['size']}", f"SHA-256: {m['sha256']}", f"Scan: {m['scan_id']}",
               f"Released: {', '.join(m['released']) or 'never'}", f"File: {store.message_path(entry_id)}", ""]
     end = _header_end(message)
@@ -161,10 +162,6 @@ def release(store, entry_id, program, again):
 def queue_program(config):
     """FP_QMAIL_QUEUE as fp-qmail finds it: environment, config file, default."""
     return os.environ.get("FP_QMAIL_QUEUE") or config.get("FP_QMAIL_QUEUE") or CLIENT_DEFAULTS["FP_QMAIL_QUEUE"]
-
-
-def _shown(text):
-    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _header_end(message):

@@ -30,7 +30,9 @@ from .examine import examine
 from .janitor import Janitor
 from .log import logger
 from .quarantine import Store, StoreError
-from .settings import RESTART_ONLY, SettingsError, parse_address
+from fpqmail import values
+
+from .settings import RESTART_ONLY, SettingsError
 
 LINGER = 2.0            # seconds to wait for a client to close after an early reply
 LINGER_BYTES = 1 << 20  # and the most of its unread request to swallow meanwhile
@@ -393,7 +395,7 @@ class Server:
 
 def _listen(settings):
     """The bound, listening socket, and for a unix socket (path, (st_dev, st_ino))."""
-    family, address = parse_address(settings.listen)
+    family, address = values.endpoint(settings.listen, listen=True)
     unix = None
     backlog = max(128, settings.workers + settings.queue)
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -6,14 +6,13 @@ docs/scand.md shows the same table to administrators; keep the two in step.
 The engines read their own FP_SCAND_* keys (docs/scand-settings.md) from the same file.
 """
 
-import os
+import re
 from dataclasses import dataclass
 
-from fpqmail import shconf
+from fpqmail import shconf, values
 from fpqmail.queue import DEFAULTS as CLIENT_DEFAULTS
 
 DEFAULT_CONFIG = "/etc/f-prot.conf"
-CONFIG_MAX = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ DEFAULTS = {s.key: s.default for s in TABLE}
 RESTART_ONLY = ("FP_SCAND_LISTEN", "FP_SCAND_WORKERS", "FP_SCAND_QUEUE", "FP_SCAND_SOCKET_MODE")
 
 
-class SettingsError(Exception):
+class SettingsError(ValueError):
     """A configuration mistake; the message names the file or key and what is wrong."""
 
 
@@ -88,22 +87,22 @@ def load(config_path, overrides, required=False) -> Settings:
         listen=_listen(raw, "FP_SCAND_LISTEN"),
         engines=tuple(raw["FP_SCAND_ENGINES"].split()),
         tmpdir=_directory(raw, "FP_SCAND_TMPDIR"),
-        workers=_number(raw, "FP_SCAND_WORKERS", 1, 1024),
-        queue=_number(raw, "FP_SCAND_QUEUE", 0, 100000),
-        timeout=_number(raw, "FP_SCAND_TIMEOUT", 1, 86400, float),
+        workers=number(raw, "FP_SCAND_WORKERS", 1, 1024, int),
+        queue=number(raw, "FP_SCAND_QUEUE", 0, 100000, int),
+        timeout=number(raw, "FP_SCAND_TIMEOUT", 1, 86400),
         quarantine=_optional_directory(raw, "FP_SCAND_QUARANTINE"),
         backup=_optional_directory(raw, "FP_SCAND_BACKUP"),
-        janitor_interval=_number(raw, "FP_SCAND_JANITOR_INTERVAL", 0.1, 86400, float),
-        stale_age=_number(raw, "FP_SCAND_STALE_AGE", 1, 86400 * 30, float),
+        janitor_interval=number(raw, "FP_SCAND_JANITOR_INTERVAL", 0.1, 86400),
+        stale_age=number(raw, "FP_SCAND_STALE_AGE", 1, 86400 * 30),
         socket_mode=_mode(raw, "FP_SCAND_SOCKET_MODE"),
-        loglevel=_number(raw, "FP_SCAND_LOGLEVEL", 0, 7),
+        loglevel=number(raw, "FP_SCAND_LOGLEVEL", 0, 7, int),
         raw=raw,
         problems=tuple(problems),
     )
     if not settings.engines:
         raise SettingsError("FP_SCAND_ENGINES: no engine given")
     raw.setdefault("FP_QMAIL_TIMEOUT", CLIENT_DEFAULTS["FP_QMAIL_TIMEOUT"])
-    client_timeout = _number(raw, "FP_QMAIL_TIMEOUT", 1, 86400, float)
+    client_timeout = number(raw, "FP_QMAIL_TIMEOUT", 0.001, 86400)
     if settings.stale_age <= max(settings.timeout, client_timeout):
         raise SettingsError(
             f"FP_SCAND_STALE_AGE={raw['FP_SCAND_STALE_AGE']} must exceed the longest scan: "
@@ -114,28 +113,32 @@ def load(config_path, overrides, required=False) -> Settings:
 def read_config(path, required):
     """(values, problems) of the sh-syntax config file; ({}, []) if it is absent."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(CONFIG_MAX + 1)
+        return shconf.read(path)
     except FileNotFoundError:
         if required:
             raise SettingsError(f"{path}: no such file") from None
         return {}, []
     except OSError as e:
         raise SettingsError(f"{path}: cannot read: {e.strerror}") from None
-    if len(data) > CONFIG_MAX:
-        raise SettingsError(f"{path}: larger than {CONFIG_MAX} bytes")
-    return shconf.parse(data.decode("utf-8", "replace"))
+    except ValueError as e:
+        raise SettingsError(f"{path}: {e}") from None
 
 
-def _number(raw, key, low, high, kind=int):
-    text = raw[key].strip()
+def number(raw, key, low, high, kind=float, default=None):
+    """raw[key] as a number between low and high; default when it is unset or empty
+    and a default is given."""
+    text = raw.get(key, "").strip()
+    if not text and default is not None:
+        return default
     try:
-        value = kind(text)
-    except ValueError:
-        raise SettingsError(f"{key}={text!r}: not a number") from None
-    if not low <= value <= high:
-        raise SettingsError(f"{key}={text!r}: must be between {low} and {high}")
-    return value
+        return values.number(text, low, high, kind)
+    except ValueError as e:
+        raise SettingsError(f"{key}={values.printable(text, 100)!r}: {e}") from None
+
+
+def words(raw, key):
+    """raw[key] split on commas and white space (empty items dropped)."""
+    return [w for w in re.split(r"[\s,]+", raw.get(key, "")) if w]
 
 
 def _mode(raw, key):
@@ -150,10 +153,10 @@ def _mode(raw, key):
 
 
 def _directory(raw, key):
-    value = raw[key]
-    if not os.path.isabs(value) or not value.isprintable() or not value.isascii():
-        raise SettingsError(f"{key}={value!r}: must be an absolute path of printable ASCII")
-    return value.rstrip("/") or "/"
+    try:
+        return values.absolute_path(raw[key])
+    except ValueError as e:
+        raise SettingsError(f"{key}={values.printable(raw[key], 100)!r}: {e}") from None
 
 
 def _optional_directory(raw, key):
@@ -163,21 +166,7 @@ def _optional_directory(raw, key):
 def _listen(raw, key):
     value = raw[key].strip()
     try:
-        parse_address(value)
+        values.endpoint(value, listen=True)
     except ValueError as e:
-        raise SettingsError(f"{key}={value!r}: {e}") from None
+        raise SettingsError(f"{key}={values.printable(value, 100)!r}: {e}") from None
     return value
-
-
-def parse_address(text):
-    """'/path' -> (AF_UNIX, path); 'host:port' / '[v6]:port' -> (AF_INET[6], (host, port))."""
-    import socket
-    if text.startswith("/"):
-        return socket.AF_UNIX, text
-    host, sep, port = text.rpartition(":")
-    family = socket.AF_INET
-    if host.startswith("[") and host.endswith("]"):
-        family, host = socket.AF_INET6, host[1:-1]
-    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
-        raise ValueError("expected host:port, [ipv6]:port or an absolute unix socket path")
-    return family, (host, int(port))

@@ -486,7 +486,7 @@ def test_config_the_caller_may_not_read(world_rig):
     path = config_file(rig, "FP_QMAIL_LOGLEVEL=7\n")
     path.chmod(0o600)  # root's; fp-qmail runs as nobody
     r = rig.run(command=rig.command, preexec=become("nobody"), env={"FP_QMAIL_LOG_STDERR": "yes"})
-    held(r, TEMPORARY, "cannot open config %s: Permission denied" % path)
+    held(r, TEMPORARY, "cannot read config %s: Permission denied" % path)
     assert r.code == 55
 
 

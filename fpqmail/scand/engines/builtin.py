@@ -12,7 +12,7 @@ import io
 import re
 
 from . import Engine, EngineError
-from .settings import number, words
+from ..settings import number, words
 
 # The 68-byte EICAR anti-virus test string. Found anywhere in an object (a mail body
 # rarely holds it alone); ClamAV calls its signature Eicar-Test-Signature, F-PROT said
@@ -39,10 +39,10 @@ class BuiltinEngine(Engine):
     def __init__(self, settings):
         self._digest_file = settings.get("FP_SCAND_SHA256_FILE", "").strip()
         self._banned = [p.lower() for p in words(settings, "FP_SCAND_BANNED_NAMES")]
-        self._max_depth = number(settings, "FP_SCAND_ZIP_MAX_DEPTH", 5)
-        self._max_files = number(settings, "FP_SCAND_ZIP_MAX_FILES", 1000)
-        self._max_size = number(settings, "FP_SCAND_ZIP_MAX_SIZE", 100 << 20)
-        self._max_ratio = number(settings, "FP_SCAND_ZIP_MAX_RATIO", 100, minimum=1)
+        self._max_depth = number(settings, "FP_SCAND_ZIP_MAX_DEPTH", 0, 1000, int, default=5)
+        self._max_files = number(settings, "FP_SCAND_ZIP_MAX_FILES", 0, 1 << 30, int, default=1000)
+        self._max_size = number(settings, "FP_SCAND_ZIP_MAX_SIZE", 0, 1 << 40, int, default=100 << 20)
+        self._max_ratio = number(settings, "FP_SCAND_ZIP_MAX_RATIO", 1, 1 << 30, int, default=100)
         self._digests = self._read_digests()
 
     def reload(self):

@@ -14,7 +14,7 @@ import struct
 
 from . import Engine, EngineError
 from .endpoints import Endpoints
-from .settings import number
+from ..settings import number
 
 CHUNK = 256 * 1024
 MAX_REPLY = 64 * 1024
@@ -27,8 +27,8 @@ class ClamdEngine(Engine):
     def __init__(self, endpoints, settings):
         self._endpoints = Endpoints(
             "clamd", endpoints,
-            connect_timeout=number(settings, "FP_SCAND_CLAMD_CONNECT_TIMEOUT", 5.0, kind=float),
-            timeout=number(settings, "FP_SCAND_CLAMD_TIMEOUT", 60.0, kind=float))
+            connect_timeout=number(settings, "FP_SCAND_CLAMD_CONNECT_TIMEOUT", 0.001, 86400, default=5.0),
+            timeout=number(settings, "FP_SCAND_CLAMD_TIMEOUT", 0.001, 86400, default=60.0))
 
     def scan(self, data, fd=None, filename=None):
         use_fd = fd is not None and _is_readable_file(fd)

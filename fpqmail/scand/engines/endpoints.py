@@ -2,23 +2,9 @@
 
 import socket
 
+from fpqmail import values
+
 from . import EngineError
-
-
-def parse_endpoint(text, allow_unix=True):
-    """"/path/to/sock" -> (AF_UNIX, path); "host:port", "[v6]:port" -> (AF_INET(6), (host, port)).
-    ValueError for anything else."""
-    text = text.strip()
-    if text.startswith("/") and allow_unix:
-        return socket.AF_UNIX, text
-    host, sep, port = text.rpartition(":")
-    family = socket.AF_INET
-    if host.startswith("[") and host.endswith("]"):
-        host, family = host[1:-1], socket.AF_INET6
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        expected = "/unix/socket/path, host:port or [v6]:port" if allow_unix else "host:port or [v6]:port"
-        raise ValueError(f"endpoint {text!r}: expected {expected}")
-    return family, (host, int(port))
 
 
 class Endpoints:
@@ -26,9 +12,9 @@ class Endpoints:
 
     def __init__(self, engine_name, spec, connect_timeout, timeout, allow_unix=True):
         self.engine_name = engine_name
-        self.addresses = [parse_endpoint(e, allow_unix) for e in spec.split(",") if e.strip()]
-        if not self.addresses:
-            raise ValueError(f"{engine_name}: no endpoint given")
+        self.addresses = [(family, address) for family, address, _ in values.endpoints(spec)]
+        if not allow_unix and any(family == socket.AF_UNIX for family, _ in self.addresses):
+            raise ValueError(f"{engine_name}: endpoints are host:port or [v6]:port")
         self.connect_timeout = connect_timeout
         self.timeout = timeout
 

@@ -13,7 +13,7 @@ import re
 
 from . import Engine, EngineError
 from .endpoints import Endpoints
-from .settings import number
+from ..settings import number
 
 INFECTED = 1 | 2
 # Not a complete scan: never a clean verdict. 128 (disinfected) only comes with a
@@ -32,9 +32,9 @@ class FpscandEngine(Engine):
     def __init__(self, endpoints, settings):
         self._endpoints = Endpoints(
             "fpscand", endpoints, allow_unix=False,
-            connect_timeout=number(settings, "FP_SCAND_FPSCAND_CONNECT_TIMEOUT", 5.0, kind=float),
-            timeout=number(settings, "FP_SCAND_FPSCAND_TIMEOUT", 60.0, kind=float))
-        self._max_size = number(settings, "FP_SCAND_FPSCAND_MAX_SIZE", 10 << 20, minimum=1)
+            connect_timeout=number(settings, "FP_SCAND_FPSCAND_CONNECT_TIMEOUT", 0.001, 86400, default=5.0),
+            timeout=number(settings, "FP_SCAND_FPSCAND_TIMEOUT", 0.001, 86400, default=60.0))
+        self._max_size = number(settings, "FP_SCAND_FPSCAND_MAX_SIZE", 1, 1 << 40, int, default=10 << 20)
 
     def scan(self, data, fd=None, filename=None):
         size = len(data)
