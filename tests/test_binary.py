@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import scanner_double as sd
-from conftest import (BINARY, MESSAGE, UNDER_TEST, become, ensure_user, envelope, free_port,
-                      install_setuid_binary)
+from conftest import (BINARY, MESSAGE, UNDER_TEST, PrivateEtc, become, ensure_user, envelope, free_port,
+                      install_setuid_binary, read_deliveries, standin_executable, then)
 
 binary_only = pytest.mark.skipif(UNDER_TEST != "binary",
                                  reason="about the Nuitka binary: FPQMAIL_UNDER_TEST=binary")
@@ -33,24 +33,25 @@ def leftovers_in(directory, pid):
     return sorted(p.name for p in Path(directory).glob("f[io]%d.*" % pid))
 
 
-def run_bare(env, cwd):
+def run_bare(env, cwd, preexec=None):
     """The binary with exactly this environment: message on fd 0, envelope on fd 1."""
     env_r, env_w = os.pipe()
     os.write(env_w, envelope())
     os.close(env_w)
     proc = subprocess.Popen([str(BINARY)], stdin=subprocess.PIPE, stdout=env_r,
-                            stderr=subprocess.PIPE, env=env, cwd=cwd)
+                            stderr=subprocess.PIPE, env=env, cwd=cwd, preexec_fn=preexec)
     os.close(env_r)
     _, stderr = proc.communicate(MESSAGE, timeout=60)
     return proc, stderr.decode("utf-8", "replace")
 
 
 @binary_only
-def test_starts_with_an_empty_environment_from_the_root_directory():
-    # Settings come from /etc/f-prot.conf or the defaults: scanner 127.0.0.1:11200,
-    # which nothing serves in a test run (or, if something does, qmail-queue.orig is
-    # missing): a temporary failure either way, and nothing left in /tmp.
-    proc, stderr = run_bare({}, "/")
+def test_starts_with_an_empty_environment_from_the_root_directory(tmp_path):
+    # Settings come from the defaults (no /etc/f-prot.conf in this run's private /etc):
+    # the default scanner socket, missing here: a temporary failure, nothing left in /tmp.
+    etc = PrivateEtc(tmp_path)
+    etc.hide("f-prot.conf")
+    proc, stderr = run_bare({}, "/", preexec=etc.enter)
     assert proc.returncode in TEMPORARY_SCANNER_TROUBLE, (proc.returncode, stderr)
     assert "Traceback" not in stderr
     assert leftovers_in("/tmp", proc.pid) == []
@@ -119,7 +120,14 @@ def setuid_binary():
 
 @binary_only
 def test_setuid_binary_run_by_another_user_scans_as_its_owner(rig, setuid_binary):
+    """Run by another user, whose environment does not count: the administrator's
+    /etc/f-prot.conf (private to this run) names the scanner and qmail-queue.orig."""
     exe, owner = setuid_binary
+    root = exe.parent.parent
+    queue = standin_executable(root, python="/usr/bin/python3.11")
+    queue_dir = root / "queue"
+    queue_dir.mkdir()
+    os.chown(queue_dir, owner.pw_uid, owner.pw_gid)
     seen = []
 
     def record_owner(conn, request):
@@ -127,14 +135,17 @@ def test_setuid_binary_run_by_another_user_scans_as_its_owner(rig, setuid_binary
         seen.append((request["in"], info.st_uid, info.st_mode & 0o777))
         sd.clean(conn, request)
 
-    rig.scan_with(record_owner)
+    scanner = rig.scan_with(record_owner, tcp=True)
+    etc = PrivateEtc(root)
+    etc.put("f-prot.conf", "FP_QMAIL_SCANNER=%s\nFP_QMAIL_QUEUE=%s\n" % (scanner.address, queue))
     pids = []
-    r = rig.run(command=[str(exe)], preexec=become(CALLER), after_start=lambda p: pids.append(p.pid))
-    # Under setuid the caller's FP_QMAIL_TMPDIR and FP_QMAIL_QUEUE are ignored: the
-    # files go to /tmp, and the default /var/qmail/bin/qmail-queue.orig does not exist
-    # here, so after a clean scan the exec fails: a temporary failure (71).
-    assert r.code == 71, r
-    [(fi, uid, mode)] = seen
+    r = rig.run(command=[str(exe)], preexec=then(etc.enter, become(CALLER)), env={"QQ_STANDIN_DIR": str(queue_dir)},
+                after_start=lambda p: pids.append(p.pid))
+    assert r.code == 0, r
+    [(message, _, state)] = read_deliveries(queue_dir)
+    assert message == sd.HEADER + MESSAGE
+    assert (state["uid"], state["euid"]) == (65534, owner.pw_uid)
+    [(fi, uid, mode)] = seen  # the default temp directory, files of the owner's only
     assert re.fullmatch(r"/tmp/fi%d\.[0-9a-f]{16}" % pids[0], fi)
     assert (uid, mode) == (owner.pw_uid, 0o600)
     assert leftovers_in("/tmp", pids[0]) == []
@@ -143,9 +154,10 @@ def test_setuid_binary_run_by_another_user_scans_as_its_owner(rig, setuid_binary
 @binary_only
 def test_setuid_binary_with_the_scanner_down_fails_temporarily_and_leaves_nothing(rig, setuid_binary):
     exe, _ = setuid_binary
-    rig.env["FP_QMAIL_SCANNER"] = "127.0.0.1:%d" % free_port()
+    etc = PrivateEtc(exe.parent.parent)
+    etc.put("f-prot.conf", "FP_QMAIL_SCANNER=127.0.0.1:%d\nFP_QMAIL_LOG_STDERR=yes\n" % free_port())
     pids = []
-    r = rig.run(command=[str(exe)], preexec=become(CALLER), after_start=lambda p: pids.append(p.pid))
+    r = rig.run(command=[str(exe)], preexec=then(etc.enter, become(CALLER)), after_start=lambda p: pids.append(p.pid))
     assert r.code == 73, r
     assert "connection refused" in r.stderr.lower()
     assert leftovers_in("/tmp", pids[0]) == []
