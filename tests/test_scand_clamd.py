@@ -10,10 +10,9 @@ import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
-from clamd_fixtures import EICAR, Clamd, clamd  # noqa: F401
+from clamd_fixtures import EICAR, Clamd
 from conftest import REPO, read_deliveries
-from scand_fixtures import start_scand  # noqa: F401
-from test_scand import TEMPORARY, connect
+from scand_fixtures import TEMPORARY, connect
 
 HEADER = b"X-Antivirus: scanned by fp-qmail (clamd)\n"
 
