@@ -515,6 +515,10 @@ def test_symlinks_fifos_hard_links_and_foreign_files_are_refused(start_scand, tm
     assert _attack(tmp_path, daemon, fi, fo, size=len(MESSAGE) + 1) == \
         f"In holds {len(MESSAGE)} bytes, not Size {len(MESSAGE) + 1}"
     assert os.path.getsize(fo) == 0
+    # a sparse In: never read, whatever its size says
+    fi, fo = spool(tmp_path, b"")
+    os.truncate(fi, 1 << 30)
+    assert _attack(tmp_path, daemon, fi, fo, size=1 << 30) == f"In is sparse: 0 bytes allocated for {1 << 30}"
     # a directory named like a spool file
     fi, fo = spool(tmp_path, MESSAGE)
     os.unlink(fo)
@@ -611,6 +615,21 @@ def test_a_port_in_use_exits_1(start_scand, tmp_path):
     with pytest.raises(RuntimeError) as e:
         second.start()
     assert second.process.returncode == 1 and f"cannot listen on {first.address}" in str(e.value)
+
+
+def test_tcp_warns_when_others_can_list_the_temp_directory(start_scand, tmp_path):
+    private, listable = tmp_path / "private", tmp_path / "listable"
+    private.mkdir(mode=0o2770)
+    listable.mkdir(mode=0o755)
+    assert "can be listed by every user" not in start_scand(private).log()
+    assert f"FP_SCAND_TMPDIR={listable} can be listed by every user" in start_scand(listable).log()
+    assert "can be listed" not in start_scand(listable, listen=str(tmp_path / "s.sock")).log()
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_limit(start_scand, tmp_path):
+    import resource
+    daemon = start_scand(tmp_path, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096)))
+    assert resource.prlimit(daemon.process.pid, resource.RLIMIT_NOFILE) == (4096, 4096)
 
 
 def test_docs_table_shows_the_defaults_of_the_settings_table():

@@ -58,7 +58,8 @@ class Connection:
         self.state = READING
         self.events = 0          # what the selector watches for (server.py)
         self.wake_at = None      # the pending timer (server.py)
-        self.job = None
+        self.request = None      # once its head is read
+        self.job = None          # once it is complete (a SCAN)
         if unix:
             pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
             self.pid, self.uid = pid, uid
