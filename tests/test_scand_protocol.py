@@ -155,8 +155,6 @@ def test_replies_are_printable_one_line_values_within_64_KiB():
     assert threats[0] == "Threat: Evil??X: y?" + "z" * (protocol.MAX_VALUE - len("Evil??X: y?"))
     assert protocol.error_reply("busy") == b"FPQMAIL/1 ERROR\nReason: busy\n\n"
     assert len(protocol.error_reply("x" * 1000).split(b"\n")[1]) == len("Reason: ") + 200
-    assert protocol.Refusal("too big").status == "REFUSED"
-    assert protocol.Refusal("later", permanent=False).status == "DEFERRED"
 
 
 # ---- the fair queue -----------------------------------------------------------------------

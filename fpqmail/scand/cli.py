@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     try:
         current = load()
         log.set_level(current.loglevel)
-        from .runtime import build_runtime
+        from .server import Server, build_runtime
         runtime = build_runtime(current)
     except settings.SettingsError as e:
         logger.error("configuration: %s", e)
@@ -73,7 +73,6 @@ def main(argv=None) -> int:
         for s in settings.TABLE:
             print(f"{s.key}={current.raw[s.key]}")
         return 0
-    from .server import Server
     try:
         server = Server(current, runtime, load)
     except OSError as e:

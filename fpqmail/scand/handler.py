@@ -72,8 +72,8 @@ def _who(request):
 
 
 def scan(job, envelope, runtime):
-    """Examine In into Out; return (reply bytes, log summary). Raises Failed,
-    protocol.Refusal (answered REFUSED or DEFERRED) or TimeLimit."""
+    """Examine In into Out; return (reply bytes, log summary). Raises Failed or
+    TimeLimit."""
     request, deadline = job.request, job.deadline
     in_fd, out_fd = open_files(job, runtime.settings.tmpdir)
     try:
@@ -83,9 +83,6 @@ def scan(job, envelope, runtime):
                 examined = runtime.examine(message, in_fd, deadline)
             except EngineError as e:
                 raise Failed(f"engine failure: {protocol.printable(e)}") from None
-            except protocol.Refusal as e:
-                return protocol.format_reply(e.status, [("Reason", str(e))]), \
-                    f"status={e.status.lower()} reason={protocol.printable(e, 200)}"
             check(deadline)
             status = examined.status
             if status == "cleaned" and request.on_virus in ("reject", "drop"):

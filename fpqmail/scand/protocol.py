@@ -39,16 +39,6 @@ class ProtocolError(Exception):
     """The request cannot be served; str() is the Reason for the ERROR reply."""
 
 
-class Refusal(Exception):
-    """The server's rules refuse the message: REFUSED (permanent) or, with
-    permanent=False, DEFERRED; str() is the Reason, the text for the SMTP reply.
-    Raised by whatever applies a rule (examine's limits); the handler replies with it."""
-
-    def __init__(self, reason, permanent=True):
-        super().__init__(reason)
-        self.status = "REFUSED" if permanent else "DEFERRED"
-
-
 @dataclass(frozen=True)
 class Request:
     command: str                 # SCAN or PING
