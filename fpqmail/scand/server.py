@@ -406,9 +406,9 @@ class Server:
                 if not job.claimed:  # else the loop answered it already (time limit)
                     reply, line = handler.handle(job, self.runtime)
                     if job.claim():
-                        self._post(job.conn, reply)
                         if line:
                             logger.info("%s", line)
+                        self._post(job.conn, reply)
                     elif line:
                         logger.warning("scan %s: finished after the time limit; the ERROR reply stands",
                                        job.scan_id)
