@@ -79,6 +79,8 @@ def test_the_envelope_and_the_client_reach_rspamd(rspamd):
     # allowed to end the header line and start one of its own.
     assert "rcpts: <bob@example.net,carol@example.com>" in line
     assert "evil" not in line and "Injected" not in line
+    # The recipient for per-user settings (Deliver-To) is a header rspamd takes.
+    assert engine.score(HAM, SENDER, RCPTS, user=b"bob@example.net").known
 
 
 def _rspamd_task_line(rspamd, queue_id):
