@@ -297,8 +297,9 @@ _session = _Session()
 def pytest_collection_finish(session):
     """Start the engines the selected tests will use, before the first test runs."""
     wanted = {name for item in session.items for name in getattr(item, "fixturenames", ())}
-    for kind in ("rspamd", "spamd"):
-        if kind in wanted or f"start_{kind}" in wanted:
+    for kind, binary in (("rspamd", RSPAMD), ("spamd", SPAMD)):
+        # A missing engine fails its tests, with the fixture's message, not the session.
+        if (kind in wanted or f"start_{kind}" in wanted) and os.path.exists(binary):
             _session.launch(kind)
 
 
