@@ -120,7 +120,6 @@ int main(void) {
     PyConfig config;
     PyConfig_InitIsolatedConfig(&config); /* no environment, no signal handlers */
     config.site_import = 0;
-    config.use_frozen_modules = 0; /* no frozen os, codecs...: only the import bootstrap */
     config._init_main = 0;
     check(Py_InitializeFromConfig(&config));
     PyConfig_Clear(&config);
