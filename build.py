@@ -194,7 +194,7 @@ def write_module_tables(used):
     bootstrap = subprocess.run([BUILD_PYTHON, "-c", BOOTSTRAP], check=True,
                                capture_output=True).stdout
     table = dict(CORE_MODULES)
-    table.update((name, "PyInit_" + name) for name in used)
+    table.update((name, "PyInit_" + name) for name in used if name not in table)
     table["fpqmail"] = "PyInit_fpqmail"
     functions = sorted(f for f in table.values() if f)
     MODULE_TABLES.write_text(
