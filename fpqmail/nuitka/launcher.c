@@ -2,9 +2,10 @@
  *
  * qmail execs fp-qmail once per message, so this starts only what fpqmail.queue uses
  * (docs/performance.md has the figures). fpqmail.queue is Nuitka's compilation of the
- * fpqmail package in module mode, linked into this program (build.py) and listed,
- * with the few built-in modules it imports, in the table of built-in modules that
- * build.py generates: there is no other module to import, and no file to import from.
+ * fpqmail package in module mode, linked into this program by build.py, which also
+ * writes its tables of modules: built in, fpqmail and the few modules the core and
+ * fpqmail.queue import; frozen, the import bootstrap alone. There is no other module
+ * to import, and no file to import from.
  *
  * CPython starts core-only (PyConfig._init_main = 0): types, builtins, sys and the
  * frozen import bootstrap, without the main phase (path-based importer, codecs and
@@ -14,9 +15,9 @@
  * input is hostile.
  *
  * It installs no signal handler: until fpqmail.queue.main() sets its own, every signal
- * keeps the disposition the caller gave it (SIGPIPE and SIGXFSZ are not ignored, as a
- * full CPython start would), except that importing the _signal module gives SIGINT,
- * if at its default, CPython's handler (KeyboardInterrupt).
+ * keeps the disposition the caller gave it (a full CPython start would ignore SIGPIPE
+ * and SIGXFSZ), except that importing the _signal module gives SIGINT, if at its
+ * default, CPython's handler (KeyboardInterrupt).
  *
  * Whatever fails before main() takes over, and any exception main() lets out, is one
  * log line (syslog, facility mail, copied to stderr) and exit 81, qmail-queue's
