@@ -140,7 +140,7 @@ def test_an_untrusted_caller_cannot_open_the_files_to_a_group(setuid_rig):
     modes = []
 
     def record(conn, request):
-        modes.append([os.stat(request[k]).st_mode & 0o777 for k in ("in", "out")])
+        modes.append([(os.stat(request[k]).st_uid, os.stat(request[k]).st_mode & 0o777) for k in ("in", "out")])
         sd.clean(conn, request)
 
     scanner = rig.scan_with(record, tcp=True)
@@ -149,7 +149,7 @@ def test_an_untrusted_caller_cannot_open_the_files_to_a_group(setuid_rig):
     rig.configure(FP_QMAIL_SCANNER=scanner.address, FP_QMAIL_TMPDIR=rig.tmpdir, FP_QMAIL_QUEUE=rig.queue)
     r = rig.run_as(CALLER, env={"FP_QMAIL_GROUP_ACCESS": "yes", "FP_QMAIL_LOGLEVEL": "7"})
     assert r.code == 0, r
-    assert modes == [[0o600, 0o600]]
+    assert modes == [[(rig.owner.pw_uid, 0o600)] * 2]  # the owner's, for the owner alone
 
 
 def test_an_untrusted_caller_gets_the_file_read_even_with_a_log_level_in_its_environment(setuid_rig):
