@@ -78,45 +78,55 @@ def assert_fp_qmail_in_place(root, original):
         [0, root.ids("qmaild", "qmail")[0], root.ids("alias", "qmail")[0]]
 
 
-def send_message(root, tmp_path):
+def send_message(root, tmp_path, transport):
     """One message through the installed qmail-queue, run by nobody (so setuid qmailq,
     an untrusted caller: the installed /etc/f-prot.conf decides), to the installed
-    fpqmail-scand as user fpscand. Over TCP, set up as docs/install.md tells a site that
-    chooses it (a spool directory, three settings)."""
-    port = free_port()
-    root.chroot("install", "-d", "-o", "qmailq", "-g", "fpscand", "-m", "2770", "/var/spool/fp-qmail")
-    with open(root.host("/etc/f-prot.conf"), "a") as conf:
-        conf.write("FP_QMAIL_SCANNER=127.0.0.1:%d\nFP_QMAIL_TMPDIR=/var/spool/fp-qmail\n"
-                   "FP_QMAIL_GROUP_ACCESS=yes\nFP_QMAIL_LOG_STDERR=yes\n" % port)
-    log = open(tmp_path / "fpqmail-scand.log", "wb")
+    fpqmail-scand as user fpscand. unix: the installation's defaults (the socket's
+    directory made as the supervise run script makes it); tcp: set up as docs/install.md
+    tells a site that chooses it (a spool directory, four settings)."""
+    settings = "FP_QMAIL_LOG_STDERR=yes\n"
+    if transport == "unix":
+        root.chroot("install", "-d", "-o", "fpscand", "-g", "fpscand", "-m", "0755", "/run/fpqmail-scand")
+        socket_path = root.host("/run/fpqmail-scand/scand.sock")
+        family, address = socket.AF_UNIX, str(socket_path)
+    else:
+        port = free_port()
+        root.chroot("install", "-d", "-o", "qmailq", "-g", "fpscand", "-m", "2770", "/var/spool/fp-qmail")
+        settings += ("FP_QMAIL_SCANNER=127.0.0.1:%d\nFP_QMAIL_TMPDIR=/var/spool/fp-qmail\n"
+                     "FP_QMAIL_GROUP_ACCESS=yes\nFP_SCAND_LISTEN=127.0.0.1:%d\n" % (port, port))
+        family, address = socket.AF_INET, ("127.0.0.1", port)
+    conf = root.host("/etc/f-prot.conf")
+    installed = conf.read_bytes()
+    conf.write_bytes(installed + settings.encode())
+    log = open(tmp_path / ("fpqmail-scand-%s.log" % transport), "wb")
     daemon = subprocess.Popen(
-        ["chroot", "--userspec=fpscand:fpscand", str(root.path), "/usr/sbin/fpqmail-scand",
-         "--listen", "127.0.0.1:%d" % port, "--loglevel", "7"],
+        ["chroot", "--userspec=fpscand:fpscand", str(root.path), "/usr/sbin/fpqmail-scand", "--loglevel", "7"],
         stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                with socket.socket(family) as s:
+                    s.settimeout(1)
+                    s.connect(address)
                 break
             except OSError:
-                assert daemon.poll() is None, (tmp_path / "fpqmail-scand.log").read_text()
+                assert daemon.poll() is None, (tmp_path / ("fpqmail-scand-%s.log" % transport)).read_text()
                 assert time.monotonic() < deadline, "fpqmail-scand did not listen"
                 time.sleep(0.1)
-        (tmp_path / "rig").mkdir()
-        rig = Rig(tmp_path / "rig")
+        (tmp_path / transport).mkdir()
+        rig = Rig(tmp_path / transport)
         rig.queue_dir = root.host(DELIVERIES)
         # glibc honours LD_DEBUG in a setuid program only where /etc/suid-debug exists.
         root.host("/etc/suid-debug").touch()
         # The rig's FP_QMAIL_* variables do not count for nobody.
         env = {"QQ_STANDIN_DIR": DELIVERIES, "LD_DEBUG": "libs"}
-        result = rig.run(env=env, command=["/usr/sbin/chroot", "--userspec=nobody:nogroup",
-                                           str(root.path), QUEUE])
-        return result
+        return rig.run(env=env, command=["/usr/sbin/chroot", "--userspec=nobody:nogroup", str(root.path), QUEUE])
     finally:
         daemon.terminate()
         daemon.wait(30)
         log.close()
+        conf.write_bytes(installed)
 
 
 def test_install_message_reinstall_upgrade_purge(root, tmp_path):
@@ -132,18 +142,21 @@ def test_install_message_reinstall_upgrade_purge(root, tmp_path):
         ["qmailq", "qmail", "4711", QUEUE]
     assert not root.host("/var/spool/fp-qmail").exists()  # for TCP sites, made by hand
 
-    result = send_message(root, tmp_path)
-    assert result.code == 0, result
-    [(message, envelope_bytes, state)] = read_deliveries(root.host(DELIVERIES))
-    assert message.endswith(MESSAGE.split(b"\n\n", 1)[1])
-    assert b"X-Antivirus: " in message.split(b"\n\n", 1)[0]
-    # Run by nobody, fp-qmail ran as qmailq and passed both ids on to qmail-queue.orig.
-    assert (state["uid"], state["euid"]) == (65534, root.ids("qmailq", "qmail")[0])
-    # The setuid program loaded the system's libraries only: no $ORIGIN, nothing of
-    # its own folder or of /var/qmail/bin.
-    loaded = [line.split("file=", 1)[1].split()[0] for line in result.stderr.splitlines()
-              if "trying file=" in line]
-    assert loaded and all(p.startswith("/lib/x86_64-linux-gnu/") for p in loaded), loaded
+    for transport in ("unix", "tcp"):
+        result = send_message(root, tmp_path, transport)
+        assert result.code == 0, result
+        [(message, envelope_bytes, state)] = read_deliveries(root.host(DELIVERIES))
+        assert message.endswith(MESSAGE.split(b"\n\n", 1)[1])
+        assert b"X-Antivirus: " in message.split(b"\n\n", 1)[0]
+        # Run by nobody, fp-qmail ran as qmailq and passed both ids on to qmail-queue.orig.
+        assert (state["uid"], state["euid"]) == (65534, root.ids("qmailq", "qmail")[0])
+        # The setuid program loaded the system's libraries only: no $ORIGIN, nothing of
+        # its own folder or of /var/qmail/bin.
+        loaded = [line.split("file=", 1)[1].split()[0] for line in result.stderr.splitlines()
+                  if "trying file=" in line]
+        assert loaded and all(p.startswith("/lib/x86_64-linux-gnu/") for p in loaded), loaded
+        for delivered in root.host(DELIVERIES).iterdir():
+            delivered.unlink()
     assert list(root.host("/var/spool/fp-qmail").iterdir()) == []
     root.chroot("rm", "-r", "/var/spool/fp-qmail")
     # The other launcher works too: the quarantine the daemon made is empty.
