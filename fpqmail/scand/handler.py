@@ -16,7 +16,7 @@ import time
 from . import protocol
 from .engines import EngineError
 from .log import logger
-from .quarantine import StoreError
+from .quarantine import StoreError, fate_of
 
 RECV_SIZE = 65536
 # fp-qmail sends its whole request as soon as it is connected; a client that takes
@@ -92,7 +92,7 @@ def scan(request, envelope, runtime, conn, scan_id):
             headers = [("Size", str(written))] if written else []
             headers += [("Threat", t) for t in examined.threats]
             headers.append(("Engines", ",".join(examined.engines)))
-            entry_id = _keep(runtime, message, envelope, examined, scan_id)
+            entry_id = _keep(runtime, message, envelope, examined, scan_id, request.on_virus)
             if entry_id:
                 headers.append(("Id", entry_id))
     finally:
@@ -200,7 +200,7 @@ def _write_out(examined, out_fd):
     return written
 
 
-def _keep(runtime, message, envelope, examined, scan_id):
+def _keep(runtime, message, envelope, examined, scan_id, on_virus):
     """Store the original as the settings ask; the quarantine ID, or ''. A message that
     cannot be stored is not delivered: Refused, and fp-qmail tries again later."""
     entry_id = ""
@@ -212,6 +212,7 @@ def _keep(runtime, message, envelope, examined, scan_id):
     for kind, store in stores:
         try:
             stored = store.put(message, envelope, kind=kind, status=examined.status,
+                               fate=fate_of(examined.status, on_virus),
                                threats=examined.threats, engines=examined.engines, scan_id=scan_id)
         except (OSError, StoreError) as e:
             logger.error("scan %s: cannot store the original in the %s: %s", scan_id, kind, e)

@@ -39,6 +39,7 @@ class Request:
     out_path: str
     size: int           # bytes the client wrote to In
     envelope_size: int  # bytes of raw envelope that follow the head
+    on_virus: str | None = None  # deliver, reject or drop: what the client does with a virus
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def _parse_headers(lines) -> Request:
         if not _PRINTABLE.match(value):
             raise ProtocolError("malformed request: header value not printable ASCII")
         key = name.lower().decode("ascii")
-        if key not in _REQUIRED:
+        if key not in _REQUIRED + ("on-virus",):
             continue  # a later minor version's header: ignored, as the protocol says
         if key in seen:
             raise ProtocolError(f"malformed request: {name.decode()} given twice")
@@ -124,8 +125,11 @@ def _parse_headers(lines) -> Request:
     envelope_size = int(seen["envelope"])
     if envelope_size > MAX_ENVELOPE:
         raise ProtocolError("malformed request: envelope too large")
+    on_virus = seen.get("on-virus", b"").decode("ascii") or None
+    if on_virus not in (None, "deliver", "reject", "drop"):
+        raise ProtocolError("malformed request: On-Virus is not deliver, reject or drop")
     return Request(seen["in"].decode("ascii"), seen["out"].decode("ascii"),
-                   int(seen["size"]), envelope_size)
+                   int(seen["size"]), envelope_size, on_virus)
 
 
 def parse_envelope(raw: bytes) -> Envelope:
