@@ -59,7 +59,7 @@ def _engine_settings(settings):
     return {k: v for k, v in settings.raw.items() if k.startswith("FP_SCAND_")}
 
 
-def build_runtime(settings, previous=None) -> Runtime:
+def build_runtime(settings, previous=None, ping=True) -> Runtime:
     """Engines and stores for settings; raises SettingsError for anything unusable.
 
     Engines are kept (and told to reload their signatures) when neither the engine list
@@ -82,7 +82,8 @@ def build_runtime(settings, previous=None) -> Runtime:
                 raise SettingsError(f"engine {spec}: {e}") from None
     # Only to tell the administrator early; in a thread of its own, because a hung
     # engine must not stop the main thread from accepting and enforcing time limits.
-    threading.Thread(target=_ping, args=(engines,), name="ping", daemon=True).start()
+    if ping:  # (--check pings them itself, and waits)
+        threading.Thread(target=_ping, args=(engines,), name="ping", daemon=True).start()
     if not os.path.isdir(settings.tmpdir):
         raise SettingsError(f"FP_SCAND_TMPDIR={settings.tmpdir}: not a directory")
     stores = []
