@@ -277,3 +277,11 @@ def test_the_running_janitor_sweeps_the_stores_and_logs_each_removal(start_scand
     for store in (q, b):
         daemon.wait_log(f"janitor: removed {store}/tmp/7.00000000000000ff, left behind", timeout=20)
         assert os.listdir(store / "tmp") == []
+
+
+def test_check_with_standard_output_closed_still_checks(tmp_path):
+    dead = tmp_path / "nonexistent.sock"
+    r = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "fpqmail.scand", "--config",
+                        "/dev/null", "--tmpdir", str(tmp_path), "--engine", f"clamd:{dead}", "--check"],
+                       capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    assert r.returncode == 3 and b"does not answer" in r.stderr and b"Traceback" not in r.stderr, r

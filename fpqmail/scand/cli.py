@@ -76,9 +76,7 @@ def main(argv=None) -> int:
         logger.error("configuration: %s", printable(e))  # it may quote the command line
         return EXIT_CONFIG
     if args.check:
-        for s in settings.TABLE:
-            print(f"{s.key}={current.raw[s.key]}")
-        sys.stdout.flush()
+        print("".join(f"{s.key}={current.raw[s.key]}\n" for s in settings.TABLE), end="", flush=True)
         return check_engines(current.engines, runtime.engines)
     try:
         server = Server(current, runtime, load)
