@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from clamd_fixtures import HDB_FILE, MARKER, STREAM_MAX, Clamd, clamd  # noqa: F401 (fixture)
+from clamd_fixtures import HDB_FILE, MARKER, STREAM_MAX, Clamd
 from fpqmail.scand.engines import EngineError, make_engine
 from fpqmail.scand.examine import examine
 from mime_corpus import EICAR, check_output, corpus, text_and_attachment

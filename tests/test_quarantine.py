@@ -13,8 +13,7 @@ import pytest
 from conftest import REPO, become, read_deliveries
 from fpqmail.scand.protocol import Envelope
 from fpqmail.scand.quarantine import ID, Store
-from scand_fixtures import EICAR, exchange, parse_reply, request_bytes, spool, start_scand  # noqa: F401
-from test_scand import ATTACHED, HEADER, TEMPORARY, connect
+from scand_fixtures import ATTACHED, EICAR, HEADER, TEMPORARY, connect, exchange, parse_reply, request_bytes, spool
 
 ODD_ENVELOPE = Envelope(b"", (b"b\xe9b@example.net", b"carol@example.org"))  # bounce, 8-bit address
 
@@ -214,9 +213,7 @@ def test_the_quarantine_records_the_fate_the_request_announces(start_scand, tmp_
                                                                status, fate):
     daemon = start_scand(tmp_path, quarantine=tmp_path / "q")
     fi, fo = spool(tmp_path, message)
-    data = request_bytes(fi, fo, len(message))
-    if on_virus:
-        data = data.replace(b"\n\n", b"\nOn-Virus: %s\n\n" % on_virus.encode(), 1)
+    data = request_bytes(fi, fo, len(message), headers=b"On-Virus: %s\n" % on_virus.encode() if on_virus else b"")
     reply_status, headers = parse_reply(exchange(daemon.port, data))
     assert reply_status in ("CLEANED", "INFECTED") and headers["Id"], headers
     [line] = tool("--dir", tmp_path / "q", "list").stdout.decode().splitlines()
@@ -228,7 +225,7 @@ def test_the_quarantine_records_the_fate_the_request_announces(start_scand, tmp_
 def test_an_on_virus_of_another_value_is_a_malformed_request(start_scand, tmp_path):
     daemon = start_scand(tmp_path, quarantine=tmp_path / "q")
     fi, fo = spool(tmp_path, ATTACHED)
-    data = request_bytes(fi, fo, len(ATTACHED)).replace(b"\n\n", b"\nOn-Virus: quarantine\n\n", 1)
+    data = request_bytes(fi, fo, len(ATTACHED), headers=b"On-Virus: quarantine\n")
     assert parse_reply(exchange(daemon.port, data)) == \
         ("ERROR", {"Reason": ["malformed request: On-Virus is not deliver, reject or drop"]})
 

@@ -9,6 +9,7 @@ replaced by a short text/plain notice. Nothing else is re-encoded or refolded.
 from fpqmail.values import printable
 
 from . import mime
+from .deadline import check
 
 HEADER_WIDTH = 78
 NESTING_LIMIT_NAME = "MIME-Nesting-Limit-Exceeded"
@@ -55,12 +56,13 @@ class Examined:
         return text.encode("ascii") + newline
 
 
-def examine(message, fd, engines) -> Examined:
+def examine(message, fd, engines, deadline=None) -> Examined:
     """Scan message (bytes-like; fd: a readable descriptor of it, or None) with every
-    engine in turn. Raises EngineError if any engine fails: never a verdict then."""
+    engine in turn. Raises EngineError if any engine fails: never a verdict then;
+    deadline.TimeLimit once the deadline (time.monotonic()) has passed."""
     buf = message if hasattr(message, "find") else bytes(message)
     names = [engine.name for engine in engines]
-    found = _find(buf, fd, engines)
+    found = _find(buf, fd, engines, deadline)
     if not found.whole and not found.parts:
         return Examined(message, names, "clean", [])
     threats = found.threat_list()
@@ -72,7 +74,7 @@ def examine(message, fd, engines) -> Examined:
     # The cleaned message must pass every engine on its own: a threat no part
     # explained (in a header, a preamble, a part the engine could not see alone)
     # is still in it, and then the message cannot be cleaned.
-    again = _find(_render_body(cleaned), None, engines)
+    again = _find(_render_body(cleaned), None, engines, deadline)
     if again.whole_or_parts():
         return Examined(message, names, "infected", list(dict.fromkeys(threats + again.threat_list())))
     return cleaned
@@ -114,10 +116,11 @@ class _Findings:
         return {leaf: t for leaf, t in self.parts.items() if leaf is part or _inside(leaf, part)}
 
 
-def _find(buf, fd, engines):
+def _find(buf, fd, engines, deadline):
     """Every engine's findings for the message as a whole and for its decoded leaves."""
     found = _Findings(None)
     for engine in engines:
+        check(deadline)
         whole = engine.scan(buf, fd=fd)
         found.whole += whole
         # An engine that decodes mail itself answered for every part already; only
@@ -131,6 +134,7 @@ def _find(buf, fd, engines):
                 # judged whole, and nobody nests MIME that deep for a good reason.
                 found.whole.append(NESTING_LIMIT_NAME)
         for leaf in found.tree.leaves():
+            check(deadline)
             threats = engine.scan(leaf.decoded(buf), filename=leaf.filename)
             if threats:
                 found.parts.setdefault(leaf, []).extend(threats)
