@@ -21,24 +21,26 @@ trusted caller (docs: fp-qmail(8), "Trusted callers") may set anything through t
 environment. It is started for every message: it imports only modules built into the
 interpreter (posix, not os), and the config-file parser only when it must read the file.
 """
+import _socket
+import errno
+import fcntl
+import posix
 import sys
+import syslog
+import time
+
+from fpqmail import envelope as qmail_envelope
+from fpqmail import values
+from fpqmail.values import printable
 
 # CPython's standard start (python -m fpqmail, a stock Nuitka binary) imports _signal and
 # ignores SIGPIPE and SIGXFSZ before any code of ours runs: the caller's dispositions of
 # those two are lost then. A core-only start leaves every disposition as the caller gave it.
 STANDARD_START = "_signal" in sys.modules
-
+# Last: importing _signal gives SIGINT CPython's KeyboardInterrupt until main() takes it
+# over, and a KeyboardInterrupt in the middle of an import is what the binary's start-up
+# handles worst. Until here SIGINT keeps the caller's disposition.
 import _signal  # noqa: E402
-import _socket  # noqa: E402
-import errno  # noqa: E402
-import fcntl  # noqa: E402
-import posix  # noqa: E402
-import syslog  # noqa: E402
-import time  # noqa: E402
-
-from fpqmail import envelope as qmail_envelope  # noqa: E402
-from fpqmail import values  # noqa: E402
-from fpqmail.values import printable  # noqa: E402
 
 # Exit codes (qmail-queue's, see README.md). Every failure path below raises Fail with
 # exactly one of these names.
@@ -253,7 +255,13 @@ def load_settings(environ, setuid):
 
 
 def read_config(path):
-    from fpqmail import shconf
+    # The parser is imported only when the file must be read. No signal lands in the
+    # middle of that import: it waits, and raises its Fail when the import is done.
+    mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
+        from fpqmail import shconf
+    finally:
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
     try:
         found, problems = shconf.read(path)
     except FileNotFoundError:
