@@ -25,6 +25,10 @@ MARKER = b"FPQMAIL-TEST-MARKER-7f3a9c2e-do-not-deliver"
 # An exact-file (MD5) signature: clamd reports it only for exactly these bytes.
 HDB_FILE = b"fp-qmail test file matched by its MD5 digest\n"
 STREAM_MAX = 2 * 1024 * 1024
+# Debian's clamav-testfiles: 44 files (archives, packers, documents, mail) that all hold
+# one test program, clam.exe; one MD5 signature of it finds every one of them.
+TESTFILES = "/usr/share/clamav-testfiles"
+TESTFILE_THREAT = "Fpqmail-Test-Clam-Exe.UNOFFICIAL"
 
 
 class Clamd:
@@ -52,6 +56,10 @@ class Clamd:
             f.write(f"Fpqmail-Test-Marker:0:*:{MARKER.hex()}\n")
         with open(os.path.join(db, "fpqmail-test.hdb"), "w") as f:
             f.write(f"{hashlib.md5(HDB_FILE).hexdigest()}:{len(HDB_FILE)}:Fpqmail-Test-Md5\n")
+            if os.path.exists(os.path.join(TESTFILES, "clam.exe")):
+                with open(os.path.join(TESTFILES, "clam.exe"), "rb") as exe:
+                    program = exe.read()
+                f.write(f"{hashlib.md5(program).hexdigest()}:{len(program)}:{TESTFILE_THREAT[:-11]}\n")
         conf = os.path.join(self.dir, "clamd.conf")
         with open(conf, "w") as f:
             f.write("\n".join([

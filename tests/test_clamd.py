@@ -74,10 +74,17 @@ def test_stream_over_limit_is_an_error_not_clean(engine):
     big = b"a" * (STREAM_MAX + 1)
     with pytest.raises(EngineError, match="size limit exceeded"):
         engine.scan(big)
-    message = text_and_attachment(b"b" * (STREAM_MAX + 100_000)).data
-    with pytest.raises(EngineError, match="size limit exceeded"):
-        examine(message, None, [engine])
     assert engine.scan(b"a" * STREAM_MAX) == [], "the limit is inclusive"
+
+
+def test_a_big_decoded_part_goes_as_a_descriptor_on_unix_and_meets_the_stream_limit_on_tcp(clamd):
+    # Decoded, the attachment is over clamd's StreamMaxLength: over the unix socket it
+    # lives in a memfd that clamd reads itself (FILDES), over TCP it must be streamed.
+    message = text_and_attachment(b"b" * (STREAM_MAX + 100_000) + EICAR, filename="big.bin").data
+    result = examine(message, None, [make_engine(clamd.unix_spec, {})])
+    assert result.status == "cleaned" and result.threats == ["Fpqmail-Test-Eicar.UNOFFICIAL in big.bin"]
+    with pytest.raises(EngineError, match="size limit exceeded"):
+        examine(message, None, [make_engine(clamd.tcp_spec, {})])
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))

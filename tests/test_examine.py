@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fpqmail.scand.engines import EngineError, make_engine
-from fpqmail.scand.examine import examine
+from fpqmail.scand.examine import LimitExceeded, examine
 from mime_corpus import (CRLF, EICAR, LF, Built, check_output, corpus, leaf, message, multipart,
                          split_header, text_and_attachment, zip_of)
 
@@ -190,13 +190,12 @@ def test_broken_zip_is_scanned_as_bytes(builtin):
     assert builtin.scan(broken + EICAR) == ["EICAR-Test-File"]
 
 
-def test_nesting_past_the_limit_is_infected(builtin):
+def test_nesting_past_the_limit_is_refused(builtin):
     entity = leaf(b"innermost, clean" + CRLF)
     for depth in range(60):
         entity = multipart([entity], boundary=f"=_fpq_level_{depth}")
-    result, _ = run(message(entity), [builtin])
-    assert result.status == "infected"
-    assert result.threats == ["MIME-Nesting-Limit-Exceeded"]
+    with pytest.raises(LimitExceeded, match=r"nested more than 50 levels deep \(#5\.6\.0\)"):
+        examine(message(entity).data, None, [builtin])
     entity = leaf(b"innermost, clean" + CRLF)
     for depth in range(40):
         entity = multipart([entity], boundary=f"=_fpq_level_{depth}")

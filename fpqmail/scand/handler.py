@@ -14,7 +14,9 @@ import stat
 import time
 
 from . import protocol
+from .deadline import TimeLimit
 from .engines import EngineError
+from .examine import LimitExceeded
 from .log import logger
 from .quarantine import StoreError
 
@@ -81,9 +83,14 @@ def scan(request, envelope, runtime, conn, scan_id):
         mappable = os.fstat(in_fd).st_uid in runtime.mappable_owners
         with _contents(in_fd, request.size, mappable) as message:
             try:
-                examined = runtime.examine(message, in_fd)
+                examined = runtime.examine(message, in_fd, conn.deadline)
             except EngineError as e:
                 raise Refused(f"engine failure: {protocol.printable(e)}") from None
+            except TimeLimit:
+                raise Refused("time limit") from None
+            except LimitExceeded as e:
+                return protocol.format_reply("REFUSED", [("Reason", str(e))]), \
+                    f"status=refused reason={protocol.printable(e, 200)}"
             if conn.expired():
                 raise Refused("time limit")  # nobody will read what follows
             written = 0

@@ -26,7 +26,7 @@ import time
 
 from . import handler, log, protocol
 from .engines import EngineError, make_engine
-from .examine import examine
+from .examine import Limits, examine
 from .janitor import Janitor
 from .log import logger
 from .quarantine import Store, StoreError
@@ -44,15 +44,16 @@ TIME_LIMIT = protocol.error_reply("time limit")
 class Runtime:
     """What a request is served with; replaced whole on SIGHUP."""
 
-    def __init__(self, settings, engines, quarantine, backup, mappable_owners):
+    def __init__(self, settings, engines, quarantine, backup, mappable_owners, limits):
         self.settings = settings
         self.engines = engines
+        self.limits = limits
         self.quarantine = quarantine
         self.backup = backup
         self.mappable_owners = mappable_owners
 
-    def examine(self, message, fd):
-        return examine(message, fd, self.engines)
+    def examine(self, message, fd, deadline):
+        return examine(message, fd, self.engines, deadline, self.limits)
 
 
 def _engine_settings(settings):
@@ -65,6 +66,7 @@ def build_runtime(settings, previous=None) -> Runtime:
     Engines are kept (and told to reload their signatures) when neither the engine list
     nor any FP_SCAND_* setting changed, else built anew."""
     engine_settings = _engine_settings(settings)
+    limits = Limits.from_settings(settings.raw)
     if previous and previous.settings.engines == settings.engines and \
             _engine_settings(previous.settings) == engine_settings:
         engines = previous.engines
@@ -91,7 +93,7 @@ def build_runtime(settings, previous=None) -> Runtime:
             stores.append(Store(directory).create() if directory else None)
         except (OSError, StoreError) as e:
             raise SettingsError(f"{directory}: cannot use as a store: {e}") from None
-    return Runtime(settings, engines, stores[0], stores[1], _mappable_owners())
+    return Runtime(settings, engines, stores[0], stores[1], _mappable_owners(), limits)
 
 
 def _ping(engines):
