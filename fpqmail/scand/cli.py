@@ -8,7 +8,7 @@ Exit codes: 0 stopped by SIGTERM/SIGINT (or --check passed), 1 cannot listen,
 import argparse
 import sys
 
-from . import log, settings
+from . import log, memory, settings
 from .log import logger
 
 EXIT_LISTEN = 1
@@ -73,6 +73,7 @@ def main(argv=None) -> int:
         for s in settings.TABLE:
             print(f"{s.key}={current.raw[s.key]}")
         return 0
+    memory.give_back_big_blocks()
     try:
         server = Server(current, runtime, load)
     except OSError as e:

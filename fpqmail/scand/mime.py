@@ -35,7 +35,10 @@ _WANTED = (b"content-type", b"content-disposition", b"content-transfer-encoding"
 _BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _NOT_BASE64 = bytes(c for c in range(256) if c not in _BASE64)
 _BASE64_TEXT = _BASE64 + b"= \t\r\n"
-_PADDING = re.compile(rb"[ \t]*")
+# After a delimiter: transport padding, and stray CRs (a line ending in CR CR LF) that
+# mail clients take as part of the line break.
+_PADDING = re.compile(rb"[ \t\r]*")
+_UU_BEGIN = re.compile(rb"(?:\A|\n)begin [0-7]{3,4} ([^\r\n]{0,1000})\r?\n")
 _QUOTED_STOP = re.compile(rb'["\\]')
 _ENCODED_WORD = re.compile(rb"=\?([^?\s]*)\?([BbQq])\?([^?\s]*)\?=")
 _BETWEEN_WORDS = re.compile(rb"(\?=)[ \t]+(?==\?)")
@@ -210,9 +213,7 @@ class _Parser:
             if close:
                 j += 2
             j = _PADDING.match(buf, j, end).end()
-            if j + 1 < end and buf[j] == CR and buf[j + 1] == LF:
-                j += 2
-            elif j < end and buf[j] == LF:
+            if j < end and buf[j] == LF:
                 j += 1
             elif j != end:
                 i = self._next(delimiter, i + 1, end)  # the boundary is only a prefix of this line
@@ -517,6 +518,7 @@ class Decomposed:
         else:
             self._count.handle(len(body))
             self.objects.append(ScanObject(body, None, leaf.filename, holder))
+            self._uuencoded(buf, leaf.body_start, leaf.end, holder)
             return
         if leaf.encoded_message:
             inner = decoded.finish()
@@ -524,12 +526,29 @@ class Decomposed:
             tree = _Parser(inner.data, self._limits, self._deadline, self._count, leaf.depth + 1).tree()
             self._add(inner.data, tree, holder)
         else:
-            self._object(decoded, holder, leaf.filename)
+            data = self._object(decoded, holder, leaf.filename)
+            self._uuencoded(data, 0, len(data), holder)
 
     def _object(self, sink, owner, filename):
         decoded = sink.finish()
         self._owned.append(decoded)
         self.objects.append(ScanObject(decoded.data, decoded.fd, filename, owner))
+        return decoded.data
+
+    def _uuencoded(self, data, start, end, holder):
+        """Files uuencoded into a text (begin 644 name ... end), as mail clients show
+        them: each decoded is an object of its own, tied to the part that holds it."""
+        pos = start
+        while True:
+            # A begin line starts the data or follows a LF, the one before pos included.
+            begin = _UU_BEGIN.search(data, max(pos - 1, 0), end)
+            if begin is None:
+                return
+            self._count.part()
+            sink = self._sink()
+            pos = _decode_uu(data, begin.end(), end, sink, self._deadline)
+            name = begin.group(1).strip()
+            self._object(sink, holder, _text(name, "utf-8") if name else None)
 
     def _sink(self):
         return _Sink(self._count, self._owned)
@@ -619,6 +638,27 @@ def _decode_base64(body, sink, deadline):
     if carry:
         sink.write(_base64_lenient(carry))
     return sloppy
+
+
+def _decode_uu(data, pos, end, sink, deadline):
+    """Decode the uuencoded lines from pos (the line after `begin`) into sink, up to
+    the `end` line or the first line that is not uuencode; the position after it."""
+    lines = 0
+    while pos < end:
+        nl = data.find(b"\n", pos, end)
+        stop = end if nl < 0 else nl + 1
+        line = bytes(data[pos:stop]).rstrip(b"\r\n")
+        if line == b"end" or not line:  # (a2b_uu would make 32 NULs of an empty line)
+            return stop
+        try:
+            sink.write(binascii.a2b_uu(line))
+        except binascii.Error:
+            return pos
+        pos = stop
+        lines += 1
+        if lines % 4096 == 0:
+            check_deadline(deadline)
+    return pos
 
 
 def _decode_qp(body, sink, deadline):
