@@ -112,7 +112,7 @@ def carries_threat(data):
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             return any(carries_threat(archive.read(name)) for name in archive.namelist())
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, NotImplementedError):  # (a compression zipfile cannot read)
         return False
 
 
