@@ -38,7 +38,11 @@ _BASE64_TEXT = _BASE64 + b"= \t\r\n"
 # After a delimiter: transport padding, and stray CRs (a line ending in CR CR LF) that
 # mail clients take as part of the line break.
 _PADDING = re.compile(rb"[ \t\r]*")
-_UU_BEGIN = re.compile(rb"(?:\A|\n)begin [0-7]{3,4} ([^\r\n]{0,1000})\r?\n")
+# A uuencode begin line: at the start of the data, or found by the LF before it (a
+# pattern with a literal start is searched fast).
+_UU_LINE = rb"begin [0-7]{3,4} ([^\r\n]{0,1000})\r?\n"
+_UU_FIRST = re.compile(_UU_LINE)
+_UU_BEGIN = re.compile(rb"\n" + _UU_LINE)
 _QUOTED_STOP = re.compile(rb'["\\]')
 _ENCODED_WORD = re.compile(rb"=\?([^?\s]*)\?([BbQq])\?([^?\s]*)\?=")
 _BETWEEN_WORDS = re.compile(rb"(\?=)[ \t]+(?==\?)")
@@ -540,8 +544,8 @@ class Decomposed:
         them: each decoded is an object of its own, tied to the part that holds it."""
         pos = start
         while True:
-            # A begin line starts the data or follows a LF, the one before pos included.
-            begin = _UU_BEGIN.search(data, max(pos - 1, 0), end)
+            # A begin line starts the data or follows a LF (the one before pos included).
+            begin = (pos == 0 and _UU_FIRST.match(data, 0, end)) or _UU_BEGIN.search(data, max(pos - 1, 0), end)
             if begin is None:
                 return
             self._count.part()
