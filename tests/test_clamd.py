@@ -73,21 +73,29 @@ def test_write_only_descriptor_and_pipe_are_streamed(clamd, tmp_path):
         os.close(w)
 
 
-def test_stream_over_limit_is_an_error_not_clean(engine):
+def test_stream_over_limit_is_an_error_not_clean(clamd):
+    engine = make_engine(clamd.tcp_spec, {})  # (over the unix socket no object is streamed)
     big = b"a" * (STREAM_MAX + 1)
     with pytest.raises(EngineError, match="size limit exceeded"):
         engine.scan(big)
     assert engine.scan(b"a" * STREAM_MAX) == [], "the limit is inclusive"
+    assert make_engine(clamd.unix_spec, {}).scan(big + EICAR) == ["Fpqmail-Test-Eicar.UNOFFICIAL"]
 
 
-def test_a_big_decoded_part_goes_as_a_descriptor_on_unix_and_meets_the_stream_limit_on_tcp(clamd):
-    # Decoded, the attachment is over clamd's StreamMaxLength: over the unix socket it
-    # lives in a memfd that clamd reads itself (FILDES), over TCP it must be streamed.
-    message = text_and_attachment(b"b" * (STREAM_MAX + 100_000) + EICAR, filename="big.bin").data
+@pytest.mark.parametrize("encoding", ["base64", "8bit"])
+def test_a_big_part_goes_as_a_descriptor_on_unix_and_meets_the_stream_limit_on_tcp(clamd, encoding):
+    # The attachment is over clamd's StreamMaxLength: over the unix socket clamd reads it
+    # from a memfd itself (FILDES: decoded into one, or copied), over TCP it is streamed.
+    message = message_of(leaf(b"b" * (STREAM_MAX + 100_000) + EICAR, CRLF, "application/octet-stream",
+                              encoding, "big.bin"))
     result = examine(message, None, [make_engine(clamd.unix_spec, {})])
     assert result.status == "cleaned" and result.threats == ["Fpqmail-Test-Eicar.UNOFFICIAL in big.bin"]
     with pytest.raises(EngineError, match="size limit exceeded"):
         examine(message, None, [make_engine(clamd.tcp_spec, {})])
+
+
+def message_of(attachment):
+    return message(multipart([leaf(b"see the attachment" + CRLF), attachment])).data
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
@@ -246,8 +254,14 @@ def test_one_connection_per_message_a_session_of_one_command_per_object(clamd, t
                                    leaf(b"small", CRLF, "application/octet-stream", "base64", "small.bin")]))
         assert examine(built.data, None, [engine]).status == "clean"
         [commands] = proxy.sessions
-        # the bytes around the parts, the text, the attachments: one command each
-        assert commands == ["IDSESSION", "INSTREAM", "INSTREAM", "FILDES", "INSTREAM", "END"]
+        # the bytes around the parts, the text, the attachments: one descriptor each
+        assert commands == ["IDSESSION", "FILDES", "FILDES", "FILDES", "FILDES", "END"]
+    finally:
+        proxy.close()
+    proxy = CountingProxy(str(tmp_path / "tcp-is-not-proxied.sock"), clamd.unix_socket)
+    try:
+        assert examine(built.data, None, [make_engine(clamd.tcp_spec, {})]).status == "clean"
+        assert proxy.sessions == []
     finally:
         proxy.close()
 
@@ -296,7 +310,7 @@ def test_the_whole_message_goes_too_only_when_asked(clamd, tmp_path):
             for setting, extra in (("no", []), ("yes", ["FILDES"])):
                 engine = make_engine(proxy.spec, {"FP_SCAND_CLAMD_WHOLE_MESSAGE": setting})
                 assert examine(built.data, f.fileno(), [engine]).status == "clean"
-                assert proxy.sessions[-1] == ["IDSESSION", "INSTREAM", "INSTREAM", "INSTREAM"] + extra + ["END"]
+                assert proxy.sessions[-1] == ["IDSESSION", "FILDES", "FILDES", "FILDES"] + extra + ["END"]
         with pytest.raises(ValueError, match="FP_SCAND_CLAMD_WHOLE_MESSAGE"):
             make_engine(proxy.spec, {"FP_SCAND_CLAMD_WHOLE_MESSAGE": "maybe"})
         # A signature for mail only (target type 4) matches the whole message, never a

@@ -1,10 +1,10 @@
 """ClamAV's clamd, spoken with the stdlib.
 
 All objects of one message go on one connection, in a session (IDSESSION ... END), one
-command after the other: over a unix socket an object that lives in a file (a decoded
-part in a memfd) is passed as a descriptor (FILDES: clamd reads it itself, nothing is
-copied through the socket); any other object, and every object over TCP, is streamed
-(INSTREAM). Several endpoints fail over in the order given.
+command after the other. Over a unix socket every object is passed as a descriptor
+(FILDES: clamd reads the file itself, and its StreamMaxLength does not apply): a
+decoded part that lives in a memfd as it is, any other object copied into one. Over
+TCP every object is streamed (INSTREAM). Several endpoints fail over in the order given.
 """
 
 import fcntl
@@ -73,9 +73,8 @@ class _Session:
         return verdicts
 
     def _one(self, number, obj):
-        if self._unix and obj.fd is not None and _is_readable_file(obj.fd):
-            self.send(b"zFILDES\0")
-            socket.send_fds(self._sock, [b"\0"], [obj.fd])
+        if self._unix:
+            self._fildes(obj)
         else:
             self.send(b"zINSTREAM\0")
             try:
@@ -91,6 +90,26 @@ class _Session:
         if tag != str(number):
             raise EngineError(f"reply to command {number} in a session: {tag}: {reply}"[:300])
         return parse_verdict(reply)
+
+    def _fildes(self, obj):
+        """FILDES with the object's own file, else with a memfd holding a copy (clamd
+        reads a file whatever its size; a stream meets its StreamMaxLength)."""
+        if obj.fd is not None and _is_readable_file(obj.fd):
+            self.send(b"zFILDES\0")
+            socket.send_fds(self._sock, [b"\0"], [obj.fd])
+            return
+        fd = os.memfd_create("fpqmail-clamd", os.MFD_CLOEXEC)
+        try:
+            with memoryview(obj.data) as view:
+                for pos in range(0, len(view), CHUNK):
+                    time_limit.check(self._deadline)
+                    with view[pos:pos + CHUNK] as chunk:
+                        while len(chunk):
+                            chunk = chunk[os.write(fd, chunk):]
+            self.send(b"zFILDES\0")
+            socket.send_fds(self._sock, [b"\0"], [fd])
+        finally:
+            os.close(fd)
 
     def send(self, data):
         self._sock.settimeout(time_limit.remaining(self._deadline, self._timeout))
