@@ -294,7 +294,11 @@ def test_property_broken_mime_never_crashes_and_clean_stays_exact(data):
     engine = make_engine("builtin", {})
     result, output = run(data, [engine])
     assert result.status in ("clean", "cleaned", "infected")
-    header, rest = split_header(output)
+    # (not split_header: a mangled message may begin with white space, which then reads
+    # as a continuation of the added header)
+    header = result.header()
+    assert output.startswith(header)
+    rest = output[len(header):]
     if result.status == "clean":
         assert rest == data
     if EICAR in data:

@@ -2,12 +2,12 @@
 explicit limits.
 
 A scanner that must deliver every untouched part byte for byte can only splice, so
-parse() does not rebuild the message: it finds where each part's header and body begin
-and end. decompose() then turns the message into what the engines judge (objects()):
-every leaf's body with its transfer encoding undone, the inside of a forwarded message
-whatever its encoding, and every byte no leaf covers (headers, preambles, delimiter
-lines, epilogues), so that nothing goes unscanned and each byte reaches each engine
-about once.
+the parser does not rebuild the message: it finds where each part's header and body
+begin and end (Part). Decomposed then turns the message into what the engines judge
+(its objects): every leaf's body with its transfer encoding undone, the inside of a
+forwarded message whatever its encoding, files uuencoded into a text, and every byte no
+leaf covers (headers, preambles, delimiter lines, epilogues), so that nothing goes
+unscanned and each byte reaches each engine about once.
 
 Lenient like a mail client: a missing close delimiter ends the part at the end of its
 parent, a multipart without a boundary parameter is a single leaf, sloppy base64 is
@@ -86,10 +86,11 @@ class Part:
     """One MIME entity: the whole message, a body part of a multipart, or the message
     inside a message/rfc822 part. Offsets index the buffer it was parsed from."""
 
-    def __init__(self, start, end, parent):
+    def __init__(self, start, end, parent, depth):
         self.start = start          # first byte of its header
         self.end = end              # one past the last byte of its body
         self.parent = parent
+        self.depth = depth          # containers around it
         self.children = []
         self.body_start = start
         self.newline = b"\n"
@@ -131,12 +132,6 @@ def newline_of(buf):
     return CRLF if i > 0 and buf[i - 1] == CR else b"\n"
 
 
-def parse(buf, limits, deadline=None):
-    """The part tree of a whole message. buf: bytes or mmap (anything with find()).
-    Raises LimitExceeded, deadline.TimeLimit."""
-    return _Parser(buf, limits, deadline, _Count(limits, len(buf))).tree()
-
-
 class _Count:
     """What a message has used of its limits so far, nested messages included."""
 
@@ -162,6 +157,9 @@ class _Count:
 
 
 class _Parser:
+    """Builds the part tree of one buffer (bytes or mmap: anything with find()), one
+    entity after the other, each line looked at once."""
+
     def __init__(self, buf, limits, deadline, count, depth=0):
         self.buf = buf
         self.limits = limits
@@ -176,8 +174,7 @@ class _Parser:
     def entity(self, start, end, default_type, depth, parent):
         check_deadline(self.deadline)
         self.count.part()
-        part = Part(start, end, parent)
-        part.depth = depth
+        part = Part(start, end, parent, depth)
         part.seq = self.seq
         self.seq += 1
         fields, part.body_start, newline = read_header(self.buf, start, end, self.limits)
@@ -389,13 +386,9 @@ def _parameter(params, name):
             if plain is None:
                 plain = value
         elif key.startswith(star):
-            number = key[len(star):]
-            extended = key.endswith("*")
-            number = number[:-1] if number.endswith("*") else number
-            if number == "" and not key[len(name):] == "*":
-                continue
-            if number == "":  # name*=charset'language'value: one extended section
-                number, extended = "0", True
+            rest = key[len(star):]  # "" (name*=, one extended section), "0", "1*", ...
+            extended = rest == "" or rest.endswith("*")
+            number = rest.rstrip("*") or "0"
             if number.isdigit() and len(number) <= 4:
                 sections.setdefault(int(number), (value, extended))
     if 0 not in sections:
@@ -456,15 +449,16 @@ def _base64_lenient(data):
 # ---- what the engines see ------------------------------------------------------------------
 
 class Decomposed:
-    """A message taken apart for the engines: its part tree and objects(), each tied to
-    the part of the tree a threat found in it incriminates. close() frees the decoded
-    objects (memfds); use it as a context manager."""
+    """A message taken apart for the engines: its part tree, and its objects (ScanObject)
+    each tied to the part of the tree that a threat found in it incriminates (owner).
+    close() frees the decoded objects (memfds); use it as a context manager.
+    Raises LimitExceeded and deadline.TimeLimit."""
 
     def __init__(self, buf, limits, deadline=None):
         self._limits = limits
         self._deadline = deadline
         self._count = _Count(limits, len(buf))
-        self._owned = []  # what to close: Decoded objects and memfds
+        self._owned = []  # what to close: _Decoded objects and memfds
         self.objects = []
         try:
             self.tree = _Parser(buf, limits, deadline, self._count).tree()
@@ -480,8 +474,7 @@ class Decomposed:
         self.close()
 
     def close(self):
-        objects, self.objects = self.objects, []
-        del objects
+        self.objects = []  # (they hold views of the buffers closed here)
         for decoded in self._owned:
             decoded.close()
         self._owned = []
@@ -588,12 +581,14 @@ class _Sink:
 
     def finish(self):
         if self._fd is None:
-            return Decoded(b"".join(self._pieces), None, None)
+            return _Decoded(b"".join(self._pieces), None, None)
         mapped = mmap.mmap(self._fd, self._size, access=mmap.ACCESS_READ)
-        return Decoded(mapped, self._fd, mapped)
+        return _Decoded(mapped, self._fd, mapped)
 
 
-class Decoded:
+class _Decoded:
+    """What a _Sink collected."""
+
     def __init__(self, data, fd, mapped):
         self.data = data        # bytes or a read-only mmap of fd
         self.fd = fd            # a memfd holding exactly data from offset 0, or None
@@ -609,6 +604,8 @@ class Decoded:
 
 
 class _Closer:
+    """A memfd to close with the Decomposed that made it."""
+
     def __init__(self, fd):
         self.fd = fd
 
