@@ -35,8 +35,8 @@ def entries():
 
 
 def test_pages_cover_the_programs():
-    assert [p.name for p in PAGES] == ["f-prot.conf.5", "fp-qmail.8", "fpqmail-quarantine.1",
-                                       "fpqmail-scand.8"]
+    assert [p.name for p in PAGES] == ["f-prot.conf.5", "fp-qmail.8", "fpqmail-policy.5",
+                                       "fpqmail-quarantine.1", "fpqmail-scand.8"]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
