@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fpqmail.scand.deadline import TimeLimit
 from fpqmail.scand.engines import EngineError, make_engine
 from fpqmail.scand.engines.fpscand import parse_reply
 from fpqmail.scand.examine import examine
@@ -166,3 +167,11 @@ def test_realistic_corpus(engine):
         result.write(out)
         assert result.status == built.expected_status, seed
         check_output(out.getvalue(), built, result.status)
+
+
+def test_a_silent_engine_never_holds_a_request_past_its_deadline(doubles):
+    engine = make_engine(f"fpscand:{doubles['silent'].address}", {"FP_SCAND_FPSCAND_TIMEOUT": "60"})
+    started = time.monotonic()
+    with pytest.raises(TimeLimit):
+        examine(corpus()["plain-lf"].data, None, [engine], deadline=started + 0.5)
+    assert time.monotonic() - started < 5  # the engine's 60 s did not count

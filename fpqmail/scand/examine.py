@@ -17,7 +17,7 @@ from fpqmail.values import printable
 
 from . import mime
 from .deadline import check as check_deadline
-from .engines import ScanObject
+from .engines import EngineError, ScanObject
 from .mime import Limits, LimitExceeded  # noqa: F401 (examine's callers catch it)
 
 DEFAULT_LIMITS = Limits.from_settings({})
@@ -113,7 +113,11 @@ def _ask(engines, objects, deadline, whole=None):
     for engine in engines:
         check_deadline(deadline)
         extra = [whole] if whole is not None and engine.whole_message else []
-        verdicts = engine.scan_objects(objects + extra, deadline)
+        try:
+            verdicts = engine.scan_objects(objects + extra, deadline)
+        except EngineError:
+            check_deadline(deadline)  # the request's time ran out, not the engine
+            raise
         for k, threats in enumerate(verdicts[:len(objects)]):
             found[k] += threats
         for threats in verdicts[len(objects):]:

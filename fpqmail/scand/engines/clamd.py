@@ -33,16 +33,15 @@ class ClamdEngine(Engine):
             self.whole_message = values.flag(whole)
         except ValueError as e:
             raise ValueError(f"FP_SCAND_CLAMD_WHOLE_MESSAGE={values.printable(whole, 100)!r}: {e}") from None
-        self._timeout = number(settings, "FP_SCAND_CLAMD_TIMEOUT", 0.001, 86400, default=60.0)
         self._endpoints = Endpoints(
             "clamd", endpoints,
             connect_timeout=number(settings, "FP_SCAND_CLAMD_CONNECT_TIMEOUT", 0.001, 86400, default=5.0),
-            timeout=self._timeout)
+            timeout=number(settings, "FP_SCAND_CLAMD_TIMEOUT", 0.001, 86400, default=60.0))
 
     def scan_objects(self, objects, deadline=None):
         if not objects:
             return []
-        return self._endpoints.ask(lambda sock, unix: _Session(sock, unix, self._timeout, deadline).scan(objects))
+        return self._endpoints.ask(lambda sock, unix: _Session(sock, unix, deadline).scan(objects), deadline)
 
     def ping(self):
         self._endpoints.ask(_ping_on)
@@ -52,24 +51,24 @@ class ClamdEngine(Engine):
 
 
 class _Session:
-    """One IDSESSION on a connected socket; commands in lock-step (the reply to one is
-    read before the next is sent), so that clamd never holds more than one of ours."""
+    """One IDSESSION on a connected socket (whose every wait Endpoints bounds by the
+    engine's timeout and the request's deadline); commands in lock-step (the reply to
+    one is read before the next is sent), so that clamd never holds more than one of
+    ours."""
 
-    def __init__(self, sock, unix, timeout, deadline):
+    def __init__(self, sock, unix, deadline):
         self._sock = sock
         self._unix = unix
-        self._timeout = timeout
         self._deadline = deadline
         self._replies = b""
 
     def scan(self, objects):
-        try:
-            self.send(b"zIDSESSION\0")
-            verdicts = [self._one(number, obj) for number, obj in enumerate(objects, 1)]
-            self.send(b"zEND\0")
-        except TimeoutError:
-            time_limit.check(self._deadline)  # the deadline, not clamd, cut the wait short
-            raise
+        self.send(b"zIDSESSION\0")
+        verdicts = []
+        for number, obj in enumerate(objects, 1):
+            time_limit.check(self._deadline)
+            verdicts.append(self._one(number, obj))
+        self.send(b"zEND\0")
         return verdicts
 
     def _one(self, number, obj):
@@ -112,13 +111,11 @@ class _Session:
             os.close(fd)
 
     def send(self, data):
-        self._sock.settimeout(time_limit.remaining(self._deadline, self._timeout))
         self._sock.sendall(data)
 
     def reply(self):
         """The next \\0-terminated reply (or whatever came before clamd closed)."""
         while b"\0" not in self._replies:
-            self._sock.settimeout(time_limit.remaining(self._deadline, self._timeout))
             try:
                 more = self._sock.recv(4096)
             except ConnectionResetError:
@@ -147,7 +144,7 @@ def parse_verdict(reply):
 
 
 def _ping_on(sock, unix):
-    session = _Session(sock, unix, sock.gettimeout(), None)
+    session = _Session(sock, unix, None)
     session.send(b"zPING\0")
     reply = session.reply()
     if reply != "PONG":

@@ -31,11 +31,10 @@ class FpscandEngine(Engine):
     name = "fpscand"
 
     def __init__(self, endpoints, settings):
-        self._timeout = number(settings, "FP_SCAND_FPSCAND_TIMEOUT", 0.001, 86400, default=60.0)
         self._endpoints = Endpoints(
             "fpscand", endpoints, allow_unix=False,
             connect_timeout=number(settings, "FP_SCAND_FPSCAND_CONNECT_TIMEOUT", 0.001, 86400, default=5.0),
-            timeout=self._timeout)
+            timeout=number(settings, "FP_SCAND_FPSCAND_TIMEOUT", 0.001, 86400, default=60.0))
         self._max_size = number(settings, "FP_SCAND_FPSCAND_MAX_SIZE", 1, 1 << 40, int, default=10 << 20)
 
     def scan_objects(self, objects, deadline=None):
@@ -47,29 +46,26 @@ class FpscandEngine(Engine):
             return []
         # The object name is echoed back and ends at white space: keep it a safe word.
         streams = [(obj.data, _UNSAFE.sub("_", obj.filename)[:100] if obj.filename else "message") for obj in objects]
-        return self._endpoints.ask(lambda sock, unix: _session(sock, streams, self._timeout, deadline))
+        return self._endpoints.ask(lambda sock, unix: _session(sock, streams, deadline), deadline)
 
     def ping(self):
         # fpscand has no PING: scanning an empty stream is the cheapest full round trip.
-        self._endpoints.ask(lambda sock, unix: _session(sock, [(b"", "ping")], self._timeout, None))
+        self._endpoints.ask(lambda sock, unix: _session(sock, [(b"", "ping")], None))
 
     def reload(self):
         pass  # fpscand reloads its own signature files
 
 
-def _session(sock, streams, timeout, deadline):
-    """SCAN STREAM for each (data, name) in turn on one connection, then QUIT."""
+def _session(sock, streams, deadline):
+    """SCAN STREAM for each (data, name) in turn on one connection, then QUIT (every
+    wait on sock is bounded by Endpoints: the engine's timeout and the deadline)."""
     verdicts = []
-    try:
-        with sock.makefile("rb") as replies:
-            for data, name in streams:
-                sock.settimeout(time_limit.remaining(deadline, timeout))
-                sock.sendall(f"SCAN STREAM {name} SIZE {len(data)}\n".encode("ascii"))
-                sock.sendall(data)
-                verdicts.append(parse_reply(_result_lines(replies, name), name))
-    except TimeoutError:
-        time_limit.check(deadline)  # the deadline, not fpscand, cut the wait short
-        raise
+    with sock.makefile("rb") as replies:
+        for data, name in streams:
+            time_limit.check(deadline)
+            sock.sendall(f"SCAN STREAM {name} SIZE {len(data)}\n".encode("ascii"))
+            sock.sendall(data)
+            verdicts.append(parse_reply(_result_lines(replies, name), name))
     try:
         sock.sendall(b"QUIT\n")
     except OSError:
