@@ -19,13 +19,16 @@ test-py: deps
 demo: deps
 	scripts/demo
 
-# fp-qmail as a Nuitka standalone binary: build/fp-qmail.dist/ (build.py says how and why).
+# fp-qmail's binary, build/fp-qmail.dist/fp-qmail: fpqmail.queue compiled by Nuitka, linked
+# with a launcher that starts CPython core-only (build.py says how and why).
 build: deps
 	$(PYTHON) build.py
 
-# Per-message latency of fp-qmail, its C anchor and the interpreter (bench/bench.py,
-# docs/performance.md): a table, bench/results/*.csv (and a PNG with the plot extra).
-# BENCH=--full for every size, concurrency and scanner (~20 min).
+# Per-message wall time, CPU time, page faults and peak RSS of fp-qmail, its C anchor and
+# the interpreter (bench/bench.py, docs/performance.md): a table, the targets,
+# bench/results/*.csv (and a PNG with the plot extra). BENCH=--full for every size,
+# concurrency and scanner (~20 min); BENCH="--quick --reference PATH" also measures
+# another build of the binary beside this one.
 BENCH ?= --quick
 bench: build
 	$(PYTHON) bench/bench.py $(BENCH)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Per-message latency of fp-qmail (issue 4): `make bench` runs this.
+"""Per-message cost of fp-qmail (issues 4 and 11): `make bench` runs this.
 
 Variants, each fed unique messages the way qmail feeds its queue program:
   (a) the stand-in qmail-queue.orig alone (bench/queue_standin.c): the floor
@@ -7,20 +7,25 @@ Variants, each fed unique messages the way qmail feeds its queue program:
   (c) /usr/bin/python3.11 -S -s -m fpqmail, the package found through PYTHONPATH
       (the interpreter the binary is built from, at its cheapest)
   (d) the console script `fp-qmail` that pip installed (site, editable install)
-  (e) the Nuitka binary build/fp-qmail.dist/fp-qmail
+  (e) the binary build.py makes: build/fp-qmail.dist/fp-qmail
+  (r) with --reference PATH: another build of the binary (say, main's), run wherever
+      (e) is, to compare two builds side by side
   clamd: clamd's own INSTREAM of the same bytes (with the clamd scanner only)
 against scanners: an instant-clean responder, fpqmail-scand + builtin engine,
 fpqmail-scand + clamd. Variants run interleaved (A B C A B C ..., the order rotated
 every round) so drift of this shared machine spreads over all of them.
 Settings come from the environment (FP_QMAIL_LOGLEVEL set: the config file is not read).
 
---quick (the default) fits in a few minutes and still gives every target's figure;
---full runs every size, concurrency, scanner and variant.
+Each run's wall time, CPU time, minor page faults and peak RSS are measured (CPU and
+faults of the process and of the qmail-queue.orig it execs). --quick (the default) fits
+in a few minutes and still gives every target's figure; --full runs every size,
+concurrency, scanner and variant.
 """
 import argparse
 import concurrent.futures
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +45,8 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "fp-qmail"
 K, M = 1 << 10, 1 << 20
 
 NAMES = {"a": "qmail-queue stand-in", "b": "C anchor", "c": "python3.11 -S -s -m",
-         "d": "console script", "e": "Nuitka binary", "clamd": "clamd INSTREAM alone"}
+         "d": "console script", "e": "fp-qmail binary", "r": "reference binary",
+         "clamd": "clamd INSTREAM alone"}
 ALL = ("a", "b", "c", "d", "e")
 
 # (scanner, sizes, concurrencies, variants): what each mode measures.
@@ -67,12 +73,14 @@ def compile_helpers(directory):
     return built
 
 
-def variant_commands(helpers, env):
+def variant_commands(helpers, env, reference):
     """{variant: (argv, environment)}; only (c) finds the package through PYTHONPATH."""
     commands = {"a": [str(helpers["queue_standin"])], "b": [str(helpers["anchor"])],
                 "e": [str(BINARY)]}
     if CONSOLE_SCRIPT.exists():
         commands["d"] = [str(CONSOLE_SCRIPT)]
+    if reference:
+        commands["r"] = [reference]
     commands = {v: (argv, env) for v, argv in commands.items()}
     commands["c"] = ([INTERPRETER, "-S", "-s", "-m", "fpqmail"], dict(env, PYTHONPATH=str(REPO)))
     return commands
@@ -85,6 +93,8 @@ def rounds_for(size, base):
 
 def measure(scanner, clamd, sizes, concurrencies, variants, commands, launcher, messages, base_rounds):
     results = {}
+    if "e" in variants:  # (r), if given, runs beside (e)
+        variants = variants[:variants.index("e") + 1] + ("r",) + variants[variants.index("e") + 1:]
     variants = [v for v in variants if v in commands or v == "clamd"]
     for size in sizes:
         for concurrency in concurrencies:
@@ -100,9 +110,12 @@ def measure(scanner, clamd, sizes, concurrencies, variants, commands, launcher, 
                             job = lambda m, v=variant: runner.run_program(launcher, *commands[v], m, runner.ENVELOPE)
                         samples[variant].extend(pool.map(job, batch))
             results[(scanner, size, concurrency)] = samples
-            print("  %s %s x%d: %s" % (scanner, report.human_size(size), concurrency, "  ".join(
-                "(%s) %.2f" % (v, 1e3 * sorted(s.seconds for s in samples[v])[len(samples[v]) // 2])
-                for v in variants)), flush=True)
+            print("  %s %s x%d, median wall/cpu ms: %s" % (
+                scanner, report.human_size(size), concurrency, "  ".join(
+                    "(%s) %.2f/%s" % (v, 1e3 * statistics.median(s.seconds for s in samples[v]),
+                                      "-" if v == "clamd" else "%.2f" % (
+                                          1e3 * statistics.median(s.cpu_seconds for s in samples[v])))
+                    for v in variants)), flush=True)
     return results
 
 
@@ -120,6 +133,8 @@ def main():
     mode.add_argument("--full", action="store_const", dest="mode", const="full",
                       help="every size, concurrency, scanner and variant")
     parser.add_argument("--rounds", type=int, help="rounds per size (default 30 quick, 60 full)")
+    parser.add_argument("--reference", metavar="PATH",
+                        help="another build of the binary, measured beside (e) as (r)")
     args = parser.parse_args()
     mode = args.mode or "quick"
     plan = QUICK if mode == "quick" else FULL
@@ -144,7 +159,8 @@ def main():
                         "scand-clamd": lambda: scanners.scand_clamd(spool, clamd)}
             for scanner, sizes, concurrencies, variants in plan:
                 with starters[scanner]() as address:
-                    commands = variant_commands(helpers, dict(env, FP_QMAIL_SCANNER=address))
+                    commands = variant_commands(helpers, dict(env, FP_QMAIL_SCANNER=address),
+                                                args.reference)
                     results.update(measure(scanner, clamd, sizes, concurrencies, variants, commands,
                                            str(helpers["measure"]), messages, base_rounds))
                 left = sorted(p.name for p in spool.iterdir())

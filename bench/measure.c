@@ -1,6 +1,7 @@
 /* measure FD PROGRAM [ARG...]: run PROGRAM as qmail would (fork, exec, wait) and
- * write "<wall ns> <cpu us> <peak rss kB>\n" of that one process to descriptor FD;
- * exit with its exit code (128 + signal when killed).
+ * write "<wall ns> <cpu us> <peak rss kB> <minor page faults>\n" of that one process
+ * (and of the program it execs: qmail-queue.orig) to descriptor FD; exit with its exit
+ * code (128 + signal when killed).
  *
  * Why a C program: Python starts children with vfork (posix_spawn, subprocess), and
  * the kernel charges the parent's memory high-water mark to a vfork child at its exec,
@@ -38,6 +39,6 @@ int main(int argc, char **argv) {
     long long wall = (end.tv_sec - start.tv_sec) * 1000000000LL + (end.tv_nsec - start.tv_nsec);
     long long cpu = (usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) * 1000000LL +
                     usage.ru_utime.tv_usec + usage.ru_stime.tv_usec;
-    dprintf(out, "%lld %lld %ld\n", wall, cpu, usage.ru_maxrss);
+    dprintf(out, "%lld %lld %ld %ld\n", wall, cpu, usage.ru_maxrss, usage.ru_minflt);
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }

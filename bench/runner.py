@@ -1,9 +1,9 @@
 """One message through one variant, the way qmail runs its queue program: the message
 on a pipe at fd 0 (written while the program runs), the envelope on a pipe at fd 1.
 
-bench/measure.c forks and execs the program and reports its wall time, CPU time and
-peak RSS (ru_maxrss keeps the highest of its images across the exec into
-qmail-queue.orig); measure.c's own start is not counted.
+bench/measure.c forks and execs the program and reports its wall time, CPU time, peak
+RSS and minor page faults, which add up over the exec into qmail-queue.orig (ru_maxrss
+keeps the highest of the two images); measure.c's own start is not counted.
 """
 import base64
 import os
@@ -19,6 +19,7 @@ class Sample:
     seconds: float
     cpu_seconds: float | None = None
     max_rss_kb: int | None = None
+    page_faults: int | None = None
 
 
 class RunFailed(Exception):
@@ -60,10 +61,10 @@ def run_program(measure, argv, env, message, envelope):
     if writer:
         writer.join()
     code = os.waitstatus_to_exitcode(status)
-    if code != 0 or len(figures) != 3:
+    if code != 0 or len(figures) != 4:
         raise RunFailed("%s exited %d" % (" ".join(argv), code))
-    wall_ns, cpu_us, rss_kb = map(int, figures)
-    return Sample(wall_ns / 1e9, cpu_us / 1e6, rss_kb)
+    wall_ns, cpu_us, rss_kb, faults = map(int, figures)
+    return Sample(wall_ns / 1e9, cpu_us / 1e6, rss_kb, faults)
 
 
 class Messages:

@@ -5,7 +5,9 @@ own (no official database, no network), listens on a unix socket and on a free T
 port of 127.0.0.1, and is stopped by its PID with TERM. StreamMaxLength is small so the
 size-limit path can be tested with a few MB.
 
-Import the fixture into a test module: `from clamd_fixtures import clamd`.
+A pytest plugin (tests/conftest.py loads it): the `clamd` fixture is one instance for
+the whole session, shared by every module that asks for it. A test that must stop or
+break a clamd starts a Clamd of its own.
 """
 
 import hashlib
@@ -17,6 +19,8 @@ import subprocess
 import time
 
 import pytest
+
+from conftest import free_port
 
 CLAMD = "/usr/sbin/clamd"
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
@@ -38,7 +42,7 @@ class Clamd:
     def __init__(self, directory):
         self.dir = directory
         self.unix_socket = os.path.join(directory, "clamd.sock")
-        self.tcp_port = _free_port()
+        self.tcp_port = free_port()
         self.process = None
 
     @property
@@ -120,15 +124,9 @@ class Clamd:
             return False
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def clamd(tmp_path_factory):
-    """A running private clamd (module-imported fixtures are one instance per module)."""
+    """A running private clamd, one per session: do not stop or break it."""
     if not os.path.exists(CLAMD):
         pytest.fail(f"{CLAMD} is missing: run scripts/install-deps (installs clamav-daemon)")
     directory = tmp_path_factory.mktemp("clamd")

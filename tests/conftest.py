@@ -18,6 +18,9 @@ import pytest
 
 from scanner_double import ScannerDouble
 
+# Fixtures shared by every test module (the daemon, a private clamd: one per session).
+pytest_plugins = ("scand_fixtures", "clamd_fixtures")
+
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
 UNDER_TEST = os.environ.get("FPQMAIL_UNDER_TEST", "module")

@@ -1,17 +1,22 @@
-"""fpqmail-scand as a real process for the tests, and a raw protocol client.
+"""fpqmail-scand as a real process for the tests, raw protocol clients, and the helpers
+the daemon's tests share. A pytest plugin (tests/conftest.py loads it): its fixtures
+are there for every test module without an import.
 
-Scand starts `python -m fpqmail.scand` with a config file of its own on a free port
-(--listen 127.0.0.1:0: the daemon logs the port it got), its stderr in a file the
-tests read. spool() creates an fi/fo pair the way fp-qmail does; ask() speaks
-docs/protocol.md over a real socket and returns the reply's status and headers.
+Scand starts `python -m fpqmail.scand` with a config file of its own, by default on a
+free port (--listen 127.0.0.1:0: the daemon logs the address it got), its stderr in a
+file the tests read. Over TCP, spool() creates an fi/fo pair the way the seed's
+fp-qmail does and ask() names it in a request; over the unix socket, ask_unix() passes
+the two files as descriptors (sendmsg with SCM_RIGHTS), as docs/protocol.md says.
 """
 
+import array
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,16 +25,28 @@ import pytest
 from conftest import REPO
 
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+ENVELOPE = b"Falice@example.org\0Tbob@example.net\0\0"
+# fp-qmail's exit codes that make qmail retry later
+TEMPORARY = {51, 52, 53, 54, 55, 71, 72, 73, 74, 81, 91}
+HEADER = b"X-Antivirus: scanned by fp-qmail (builtin)\n"
+ATTACHED = (b"Received: from mx.example.org by example.net\nFrom: alice@example.org\n"
+            b"MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"b1\"\n\n"
+            b"--b1\nContent-Type: text/plain; charset=iso-8859-1\nContent-Transfer-Encoding: 8bit\n\n"
+            b"Caf\xe9, see the attachment.\n"
+            b"--b1\nContent-Type: application/octet-stream\n"
+            b"Content-Disposition: attachment; filename=\"tool.com\"\n\n" + EICAR + b"\n"
+            b"--b1--\n")
 
 
 class Scand:
     def __init__(self, root, tmpdir, engines=("builtin",), quarantine=None, config=None, args=(),
-                 listen="127.0.0.1:0"):
+                 listen="127.0.0.1:0", preexec_fn=None):
         self.root = Path(root)
         self.tmpdir = Path(tmpdir)
         self.quarantine = quarantine
         self.config = self.root / "scand.conf"
         self.stderr_path = self.root / "scand.stderr"
+        self.preexec_fn = preexec_fn
         self.write_config(config or {})
         self.command = [sys.executable, "-m", "fpqmail.scand", "--config", str(self.config),
                         "--listen", listen, "--tmpdir", str(self.tmpdir)]
@@ -37,10 +54,12 @@ class Scand:
             self.command += ["--engine", spec]
         if quarantine:
             self.command += ["--quarantine", str(quarantine)]
-        self.command += list(args)
+        self.command += [str(a) for a in args]
         self.process = None
-        self.address = None  # as fp-qmail's FP_QMAIL_SCANNER names it
-        self.port = None
+        self.addresses = []  # as fp-qmail's FP_QMAIL_SCANNER names them
+        self.address = None  # the first
+        self.port = None     # the first TCP one's port
+        self.unix_path = None
 
     def write_config(self, values):
         text = "".join(f"{k}='{v}'\n" for k, v in values.items())
@@ -50,14 +69,19 @@ class Scand:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.stderr = open(self.stderr_path, "ab")
         self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=self.stderr, env=env, cwd=str(self.root))
+                                        stderr=self.stderr, env=env, cwd=str(self.root),
+                                        preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + timeout
         while True:
-            m = re.search(r"listening on (\S+) with", self.log())
+            m = re.search(r"listening on (.+?) with \d+ workers", self.log())
             if m:
-                self.address = m.group(1)
-                if not self.address.startswith("/"):
-                    self.port = int(self.address.rpartition(":")[2])
+                self.addresses = m.group(1).split(", ")
+                self.address = self.addresses[0]
+                for address in self.addresses:
+                    if address.startswith("/"):
+                        self.unix_path = self.unix_path or address
+                    elif self.port is None:
+                        self.port = int(address.rpartition(":")[2])
                 return self
             if self.process.poll() is not None:
                 raise RuntimeError(f"fpqmail-scand exited {self.process.returncode}: {self.log()}")
@@ -95,6 +119,33 @@ class Scand:
         return self.process.returncode
 
 
+@pytest.fixture
+def start_scand(tmp_path):
+    """start_scand(tmpdir, **Scand options) -> a running Scand; each is stopped with
+    SIGTERM after the test, and must then exit 0 without a traceback."""
+    started = []
+
+    def start(tmpdir, **options):
+        root = tmp_path / f"scand{len(started)}"
+        root.mkdir()
+        daemon = Scand(root, tmpdir, **options)
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in started:
+        assert daemon.stop() == 0, daemon.log()
+        assert "Traceback" not in daemon.log(), daemon.log()
+
+
+def connect(rig, daemon):
+    """Point the rig's fp-qmail at the daemon."""
+    rig.env["FP_QMAIL_SCANNER"] = daemon.address
+    return daemon
+
+
+# ---- the protocol over TCP: named files -------------------------------------------------
+
 def spool(tmpdir, message, pid=None):
     """An fi file holding message and an empty fo, named as fp-qmail names them."""
     suffix = "%d.%s" % (pid or os.getpid(), os.urandom(8).hex())
@@ -107,21 +158,20 @@ def spool(tmpdir, message, pid=None):
     return fi, fo
 
 
-def request_bytes(fi, fo, size, envelope=b"Falice@example.org\0Tbob@example.net\0\0"):
-    return (b"FPQMAIL/1 SCAN\nIn: %s\nOut: %s\nSize: %d\nEnvelope: %d\n\n"
-            % (fi.encode(), fo.encode(), size, len(envelope)) + envelope)
+def request_bytes(fi, fo, size, envelope=ENVELOPE, headers=b""):
+    return (b"FPQMAIL/1 SCAN\nIn: %s\nOut: %s\nSize: %d\nEnvelope: %d\n%s\n"
+            % (fi.encode(), fo.encode(), size, len(envelope), headers) + envelope)
+
+
+def read_all(sock):
+    return b"".join(iter(lambda: sock.recv(65536), b""))
 
 
 def exchange(port, data, timeout=30):
-    """Send data on a fresh connection, read the reply to end of stream."""
+    """Send data on a fresh TCP connection, read the reply to end of stream."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
-        reply = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return reply
-            reply += chunk
+        return read_all(s)
 
 
 def parse_reply(reply):
@@ -138,25 +188,136 @@ def parse_reply(reply):
     return status, headers
 
 
-def ask(port, fi, fo, size=None, envelope=b"Falice@example.org\0Tbob@example.net\0\0"):
+def ask(port, fi, fo, size=None, envelope=ENVELOPE, headers=b""):
     size = os.path.getsize(fi) if size is None else size
-    return parse_reply(exchange(port, request_bytes(fi, fo, size, envelope)))
+    return parse_reply(exchange(port, request_bytes(fi, fo, size, envelope, headers)))
+
+
+# ---- the protocol over a unix socket: descriptors -----------------------------------------
+
+def unix_request(size, envelope=ENVELOPE, headers=b""):
+    return b"FPQMAIL/1 SCAN\nSize: %d\nEnvelope: %d\n%s\n" % (size, len(envelope), headers) + envelope
+
+
+class Files:
+    """A nameless In holding message and an empty nameless Out, as fp-qmail makes them
+    (O_TMPFILE in directory; memfd without one); `passed` are the descriptors to send:
+    In read-only, Out write-only."""
+
+    def __init__(self, message, directory=None):
+        if directory:
+            self.inp = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+            self.out = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+        else:
+            self.inp, self.out = os.memfd_create("In"), os.memfd_create("Out")
+        os.write(self.inp, message)
+        self.passed = [os.open(f"/proc/self/fd/{self.inp}", os.O_RDONLY),
+                       os.open(f"/proc/self/fd/{self.out}", os.O_WRONLY)]
+
+    def delivered(self):
+        return os.pread(self.out, os.fstat(self.out).st_size + 1, 0)
+
+    def close(self):
+        for fd in [self.inp, self.out] + self.passed:
+            os.close(fd)
+
+
+def send_with_fds(sock, data, fds):
+    """data, the descriptors riding on its first byte."""
+    sent = sock.sendmsg([data[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
+    assert sent == 1
+    sock.sendall(data[1:])
+
+
+def ask_unix(path, message, envelope=ENVELOPE, headers=b"", size=None, files=None, timeout=30):
+    """One SCAN over the unix socket with In and Out passed as descriptors:
+    (status, headers, what Out holds)."""
+    own = files is None
+    files = files or Files(message)
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            send_with_fds(s, unix_request(len(message) if size is None else size, envelope, headers),
+                          files.passed)
+            status, fields = parse_reply(read_all(s))
+        return status, fields, files.delivered()
+    finally:
+        if own:
+            files.close()
+
+
+def exchange_unix(path, data, fds=(), timeout=30):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        send_with_fds(s, data, list(fds))
+        return read_all(s)
+
+
+def open_descriptors():
+    """The numbers of this process's open descriptors (to see none leak)."""
+    return sorted(int(n) for n in os.listdir("/proc/self/fd"))
+
+
+def daemon_descriptors(daemon):
+    return len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
+
+
+# ---- an engine that takes its time ----------------------------------------------------------
+
+class SlowEngine:
+    """An engine for the daemon that speaks fpscand's protocol (`engines=(slow.spec,)`),
+    takes `delay` seconds over each object and finds it clean. It notes when each
+    object arrived (`arrivals`, time.monotonic()), so a test sees what the daemon still
+    asks after a time limit. close() answers everything at once."""
+
+    def __init__(self, delay):
+        self.delay = delay
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.spec = "fpscand:127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.arrivals = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn, conn.makefile("rb") as f:
+            line = f.readline()
+            if not line.startswith(b"SCAN STREAM "):
+                return
+            _, _, name, _, size = line.split()
+            f.read(int(size))
+            self.arrivals.append(time.monotonic())
+            self._stop.wait(self.delay)
+            try:
+                conn.sendall(b"0 <clean> %s\n" % name)
+                f.readline()  # QUIT
+            except OSError:
+                pass
+
+    def close(self):
+        self._stop.set()
+        self.sock.close()
 
 
 @pytest.fixture
-def start_scand(tmp_path):
-    """start_scand(tmpdir, **Scand options) -> a running Scand; each is stopped with
-    SIGTERM after the test, and must then exit 0."""
-    started = []
+def slow_engine():
+    """slow_engine(delay) -> a running SlowEngine, closed after the test."""
+    made = []
 
-    def start(tmpdir, **options):
-        root = tmp_path / f"scand{len(started)}"
-        root.mkdir()
-        daemon = Scand(root, tmpdir, **options)
-        started.append(daemon)
-        return daemon.start()
-
-    yield start
-    for daemon in started:
-        assert daemon.stop() == 0, daemon.log()
-        assert "Traceback" not in daemon.log(), daemon.log()
+    def make(delay):
+        made.append(SlowEngine(delay))
+        return made[-1]
+    yield make
+    for engine in made:
+        engine.close()

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from clamd_fixtures import HDB_FILE, MAIL_MARKER, MARKER, STREAM_MAX, TESTFILE_THREAT, TESTFILES, Clamd, clamd  # noqa: F401 (fixture)
+from clamd_fixtures import HDB_FILE, MAIL_MARKER, MARKER, STREAM_MAX, TESTFILE_THREAT, TESTFILES, Clamd
 from fpqmail.scand.engines import EngineError, make_engine
 from fpqmail.scand.examine import examine
 from mime_corpus import (CRLF, EICAR, check_output, corpus, leaf, message, multipart, realistic, rfc822,

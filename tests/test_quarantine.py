@@ -13,8 +13,7 @@ import pytest
 from conftest import REPO, read_deliveries
 from fpqmail.scand.protocol import Envelope
 from fpqmail.scand.quarantine import ID, Store
-from scand_fixtures import EICAR, start_scand  # noqa: F401
-from test_scand import ATTACHED, HEADER, TEMPORARY, connect
+from scand_fixtures import ATTACHED, EICAR, HEADER, TEMPORARY, connect
 
 ODD_ENVELOPE = Envelope(b"", (b"b\xe9b@example.net", b"carol@example.org"))  # bounce, 8-bit address
 

@@ -1,14 +1,19 @@
 """The daemon's side of docs/protocol.md as pure functions: strict parsing with its
-limits, whatever the chunking, and replies that stay within the rules."""
+limits, whatever the chunking, and replies that stay within the rules; and the pieces
+of the daemon that need no process to test: the fair queue, the memory budget, the
+throttled log, the deadline."""
+
+import logging
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fpqmail.scand import protocol
-from fpqmail.scand.protocol import HeadReader, ProtocolError, Request
+from fpqmail.scand import deadline, dispatch, log, protocol
+from fpqmail.scand.protocol import Envelope, HeadReader, ProtocolError, Request
 
 HEAD = b"FPQMAIL/1 SCAN\nIn: /tmp/fi1.0123456789abcdef\nOut: /tmp/fo1.0123456789abcdef\nSize: 42\nEnvelope: 12\n\n"
-EXPECTED = Request("/tmp/fi1.0123456789abcdef", "/tmp/fo1.0123456789abcdef", 42, 12)
+EXPECTED = Request("SCAN", 42, 12, "/tmp/fi1.0123456789abcdef", "/tmp/fo1.0123456789abcdef")
 
 
 def feed_all(data, chunks=None):
@@ -42,16 +47,36 @@ def test_crlf_lines_unknown_headers_and_any_header_case_are_accepted():
     assert request == EXPECTED and rest == b"Fa"
 
 
+def test_a_descriptor_request_has_no_names_and_the_optional_headers_are_read():
+    data = (b"FPQMAIL/1 SCAN\nSize: 3512\nEnvelope: 42\nOn-Virus: reject\nCaller: 1002\n"
+            b"Client-IP: 192.0.2.7\nClient-Host: mx.example.org\n\n")
+    assert feed_all(data)[0] == Request("SCAN", 3512, 42, None, None, "reject", 1002, "192.0.2.7",
+                                        "mx.example.org")
+
+
+def test_ping_needs_nothing_and_its_command_is_known_from_the_first_line():
+    reader = HeadReader()
+    assert reader.feed(b"FPQMAIL/1 PING\n") is None and reader.command == "PING"
+    assert reader.feed(b"X-Later: 1\n\n") == Request("PING")
+    reader = HeadReader()
+    assert reader.feed(b"FPQMAIL/1 SCAN\nSi") is None and reader.command == "SCAN"
+
+
 @pytest.mark.parametrize("data, reason", [
     (b"FPQMAIL/2 SCAN\n", "unsupported version"),
     (b"HELO there\n", "malformed request: not FPQMAIL"),
-    (b"FPQMAIL/1 PING\n", "malformed request: unknown command"),
+    (b"FPQMAIL/1 PONG\n", "malformed request: unknown command"),
     (HEAD.replace(b"Size: 42", b"Size: -42"), "malformed request: Size is not a decimal number"),
     (HEAD.replace(b"Size: 42", b"Size: 4 2"), "malformed request: Size is not a decimal number"),
-    (HEAD.replace(b"Envelope: 12", b"Envelope: 67108865"), "malformed request: envelope too large"),
+    (HEAD.replace(b"Envelope: 12", b"Envelope: 16777217"), "malformed request: envelope too large"),
     (HEAD.replace(b"Size: 42\n", b""), "malformed request: missing Size"),
     (HEAD.replace(b"Size: 42\n", b"Size: 42\nsize: 42\n"), "malformed request: size given twice"),
     (HEAD.replace(b"Size: 42\n", b"Size 42\n"), "malformed request: bad header line"),
+    (HEAD.replace(b"In: /tmp/fi1.0123456789abcdef\n", b""), "malformed request: In and Out go together"),
+    (HEAD.replace(b"Size: 42\n", b"Size: 42\nOn-Virus: bounce\n"),
+     "malformed request: On-Virus is not deliver, reject or drop"),
+    (HEAD.replace(b"Size: 42\n", b"Size: 42\nCaller: 4294967296\n"), "malformed request: Caller is not a uid"),
+    (HEAD.replace(b"Size: 42\n", b"Size: 42\nCaller: root\n"), "malformed request: Caller is not a uid"),
     (HEAD.replace(b"/tmp/fi1", "/tmp/fï1".encode()), "malformed request: header value not printable ASCII"),
     (HEAD.replace(b"/tmp/fi1", b"/tmp/f\x01i1"), "malformed request: header value not printable ASCII"),
 ])
@@ -59,6 +84,10 @@ def test_malformed_requests_are_refused_with_a_reason(data, reason):
     with pytest.raises(ProtocolError) as e:
         feed_all(data)
     assert str(e.value) == reason
+
+
+def test_the_envelope_limit_is_16_MiB():
+    assert feed_all(HEAD.replace(b"Envelope: 12", b"Envelope: 16777216"))[0].envelope_size == 16 << 20
 
 
 def test_line_limit_is_4096_bytes_and_enforced_before_the_line_ends():
@@ -72,9 +101,11 @@ def test_line_limit_is_4096_bytes_and_enforced_before_the_line_ends():
         reader.feed(b"xx")  # no line end yet, but already too long: never buffered further
 
 
-def test_at_most_64_header_lines():
+def test_at_most_64_header_lines_and_the_reader_lets_go_of_its_buffer():
     padding = b"".join(b"X-Pad-%d: 1\n" % n for n in range(60))  # + the 4 required = 64
-    assert feed_all(HEAD.replace(b"\n\n", b"\n" + padding + b"\n"))[0] == EXPECTED
+    reader = HeadReader()
+    assert reader.feed(HEAD.replace(b"\n\n", b"\n" + padding + b"\n")) == EXPECTED
+    assert reader.buffered == 0
     with pytest.raises(ProtocolError, match="too many header lines"):
         feed_all(HEAD.replace(b"\n\n", b"\n" + padding + b"X-One-More: 1\n\n"))
 
@@ -94,9 +125,17 @@ def test_arbitrary_bytes_give_a_request_none_or_a_protocol_error(data, cuts):
        st.lists(st.binary(max_size=40).filter(lambda b: b"\0" not in b), max_size=5))
 def test_envelope_round_trips_byte_for_byte(sender, recipients):
     raw = b"F" + sender + b"\0" + b"".join(b"T" + r + b"\0" for r in recipients) + b"\0"
-    envelope = protocol.parse_envelope(raw)
+    envelope = protocol.parse_envelope(bytearray(raw))
     assert envelope.sender == sender and list(envelope.recipients) == recipients
-    assert envelope.raw() == raw
+    assert envelope.recipient_count == len(recipients)
+    assert envelope.raw() == raw and envelope == Envelope(sender, recipients)
+
+
+def test_a_16_MiB_envelope_stays_one_buffer():
+    raw = bytearray(b"F\0" + b"Tx\0" * ((16 * 1024 * 1024 - 3) // 3) + b"\0")
+    envelope = protocol.parse_envelope(raw)
+    assert envelope._raw is raw  # kept as it came: no copy, no object per recipient
+    assert envelope.recipient_count == len(raw) // 3 - 1 and envelope.sender == b""
 
 
 @pytest.mark.parametrize("raw", [b"", b"\0", b"Fa\0", b"Fa\0Tb\0", b"Fa\0Xb\0\0", b"Fa\0\0Tb\0\0", b"Ta\0\0",
@@ -115,3 +154,100 @@ def test_replies_are_printable_one_line_values_within_64_KiB():
     assert len(threats) == protocol.MAX_THREATS
     assert threats[0] == "Threat: Evil??X: y?" + "z" * (protocol.MAX_VALUE - len("Evil??X: y?"))
     assert protocol.error_reply("busy") == b"FPQMAIL/1 ERROR\nReason: busy\n\n"
+    assert len(protocol.error_reply("x" * 1000).split(b"\n")[1]) == len("Reason: ") + 200
+
+
+# ---- the fair queue -----------------------------------------------------------------------
+
+class Job:
+    def __init__(self, key, n):
+        self.key, self.n = key, n
+
+    def __repr__(self):
+        return f"{self.key}{self.n}"
+
+
+def test_a_free_worker_takes_the_oldest_job_of_the_key_with_fewest_in_work():
+    queue = dispatch.FairQueue()
+    flood = [Job("a", n) for n in range(5)]
+    for job in flood:
+        assert queue.put(job, capacity=10) is None
+    first = queue.take()
+    assert first is flood[0]
+    newcomer = Job("b", 0)
+    queue.put(newcomer, capacity=10)
+    assert queue.take() is newcomer  # "a" has one in work, "b" none: b goes first
+    queue.done(newcomer)
+    assert queue.take() is flood[1]
+    queue.done(first)
+    assert [queue.take() for _ in range(3)] == flood[2:]
+
+
+def test_past_its_capacity_the_queue_drops_the_newest_of_the_longest_line():
+    queue = dispatch.FairQueue()
+    a = [Job("a", n) for n in range(3)]
+    for job in a:
+        assert queue.put(job, capacity=3) is None
+    b = Job("b", 0)
+    assert queue.put(b, capacity=3) is a[2]  # a flood makes its own newest wait out, not b
+    assert queue.put(Job("a", 9), capacity=3).key == "a"
+    assert queue.full(capacity=3)
+    assert queue.remove(b) and not queue.remove(b)
+    assert not queue.full(capacity=3)
+
+
+def test_with_no_room_a_request_is_dropped_only_when_no_worker_is_idle():
+    import threading
+    queue = dispatch.FairQueue()
+    taken = []
+    worker = threading.Thread(target=lambda: taken.append(queue.take()))
+    worker.start()
+    while queue._idle == 0:
+        time.sleep(0.001)
+    job = Job("a", 0)
+    assert queue.put(job, capacity=0) is None  # the idle worker takes it
+    worker.join(5)
+    assert taken == [job]
+    assert queue.put(Job("a", 1), capacity=0).n == 1
+    queue.close()
+    assert queue.take() is None
+
+
+def test_the_budget_refuses_what_does_not_fit():
+    budget = dispatch.Budget(100)
+    assert budget.take(60) and not budget.take(41) and budget.take(40)
+    budget.give(100)
+    assert budget.used == 0 and budget.peak == 100
+
+
+# ---- the throttled log, the deadline ------------------------------------------------------
+
+def test_a_repeated_line_is_logged_once_per_interval_with_a_count(monkeypatch, caplog):
+    monkeypatch.setattr(log, "THROTTLE", 0.2)
+    monkeypatch.setattr(log, "_throttle", log._Throttle())
+    log.logger.propagate, was = True, log.logger.propagate
+    try:
+        with caplog.at_level(logging.WARNING, logger="fpqmail.scand"):
+            for n in range(1000):
+                log.throttled("flood", logging.WARNING, "accept failed: %d", n)
+            log.throttled("other", logging.WARNING, "another kind")
+            time.sleep(0.25)
+            log.flush_throttled()
+            log.throttled("flood", logging.WARNING, "accept failed: %d", 1000)
+    finally:
+        log.logger.propagate = was
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:2] == ["accept failed: 0", "another kind"]
+    assert lines[2].startswith('999 more like "accept failed: 0"')
+    assert lines[3] == "accept failed: 1000" and len(lines) == 4
+
+
+def test_deadline_checks():
+    deadline.check(None)
+    deadline.check(time.monotonic() + 10)
+    with pytest.raises(deadline.TimeLimit):
+        deadline.check(time.monotonic() - 0.001)
+    assert deadline.remaining(time.monotonic() + 100, 5) == 5
+    assert deadline.remaining(None, 5) == 5
+    with pytest.raises(deadline.TimeLimit):
+        deadline.remaining(time.monotonic() - 1, 5)

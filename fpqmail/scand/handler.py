@@ -1,139 +1,174 @@
-"""One request, start to finish: read it, open its files, examine, write fo, keep the
-original if asked, reply.
+"""One complete SCAN request, start to finish, in a worker: get at In and Out, examine,
+write Out, keep the original if asked, and the reply. No sockets here: the loop
+(server.py) read the request and sends the reply.
 
-A request comes from anyone who can connect, so the files it names are opened only if
-docs/protocol.md allows them: inside the configured temp directory, named
-fi<pid>.<random> and fo<pid>.<random> with the same suffix, no symlink (O_NOFOLLOW),
-regular files with one link each and one owner, In of the announced size, Out empty.
+How the daemon gets at In and Out depends on the transport (docs/protocol.md):
+
+- unix socket: the client passed the two open files. In must be a regular file open
+  for reading, holding exactly Size bytes; Out a regular file open for writing, empty,
+  not the same file as In. The peer was checked before (connection.py).
+- TCP: the request names them, and they are opened only if the protocol allows:
+  inside the configured temp directory, named fi<pid>.<random> and fo<pid>.<random>
+  with the same suffix, no symlink (O_NOFOLLOW), regular files with one link each and
+  one owner, In of the announced size, Out empty.
+
+Either way In is never read past what the file system allocated for it (a sparse In
+of the caller's own must not make the daemon allocate its size), never through the
+file offset the client shares (mmap or pread), and Out is written from offset 0.
 """
 
 import contextlib
+import fcntl
 import mmap
 import os
 import stat
 import time
 
 from . import protocol
-from .deadline import TimeLimit
+from .deadline import TimeLimit, check
 from .engines import EngineError
 from .examine import LimitExceeded
 from .log import logger
 from .quarantine import StoreError
 
-RECV_SIZE = 65536
-# fp-qmail sends its whole request as soon as it is connected; a client that takes
-# longer must not hold a worker for the whole time limit.
-READ_TIMEOUT = 10.0
+# A file system may allocate a little less than a file's size (data kept inline in the
+# inode, tail packing); more than this missing is a hole.
+SPARSE_SLACK = 64 * 1024
+TIME_LIMIT = protocol.error_reply("time limit")
 
 
-class Refused(Exception):
-    """The request cannot be served; str() is the ERROR reply's Reason."""
+class Failed(Exception):
+    """The message was not scanned; str() is the ERROR reply's Reason."""
 
 
-def handle(conn, runtime):
-    """Serve the request on conn (server.Connection) with the runtime's engines and stores."""
-    started = time.monotonic()
+def handle(job, runtime):
+    """Serve job (connection.Job) with the runtime's engines and stores; returns
+    (reply bytes, the info line to log once the reply is sent, or None)."""
+    request = job.request
     try:
-        request, envelope = read_request(conn)
-    except (protocol.ProtocolError, Refused) as e:
-        logger.warning("refused a request from %s: %s", conn.peer, e)
-        conn.answer(protocol.error_reply(str(e)))
-        return
-    scan_id = os.path.basename(request.in_path)[2:]
-    try:
-        reply, summary = scan(request, envelope, runtime, conn, scan_id)
-    except Refused as e:
-        logger.warning("scan %s from %s: refused: %s", scan_id, conn.peer, e)
-        conn.answer(protocol.error_reply(str(e)))
-        return
-    if conn.answer(reply):
-        logger.info("scan %s from=<%s> rcpts=%d size=%d %s ms=%d", scan_id,
-                    protocol.printable(envelope.sender.decode("latin-1")), len(envelope.recipients),
-                    request.size, summary, (time.monotonic() - started) * 1000)
-    else:
-        logger.warning("scan %s: finished after the time limit; the ERROR reply stands", scan_id)
+        envelope = protocol.parse_envelope(job.envelope)
+        reply, summary = scan(job, envelope, runtime)
+    except protocol.ProtocolError as e:
+        logger.warning("refused a request from %s: %s", job.peer, e)
+        return protocol.error_reply(str(e)), None
+    except Failed as e:
+        logger.warning("scan %s from %s: refused: %s", job.scan_id, job.peer, e)
+        return protocol.error_reply(str(e)), None
+    except TimeLimit:
+        logger.warning("scan %s from %s: abandoned at its time limit", job.scan_id, job.peer)
+        return TIME_LIMIT, None
+    line = "scan %s from=<%s> rcpts=%d size=%d%s %s ms=%d" % (
+        job.scan_id, protocol.printable(envelope.sender), envelope.recipient_count, request.size,
+        _who(request), summary, (time.monotonic() - job.accepted) * 1000)
+    return reply, line
 
 
-def read_request(conn):
-    """(Request, Envelope) from the connection, within READ_TIMEOUT and the deadline."""
-    until = min(conn.deadline, time.monotonic() + READ_TIMEOUT)
-    reader = protocol.HeadReader()
-    request = None
-    while request is None:
-        data = conn.recv(RECV_SIZE, until)
-        if not data:
-            raise Refused("malformed request: connection closed before the blank line")
-        request = reader.feed(data)
-    raw = bytearray(reader.rest)
-    if len(raw) > request.envelope_size:
-        raise Refused("malformed request: more bytes than Envelope announced")
-    while len(raw) < request.envelope_size:
-        data = conn.recv(min(RECV_SIZE, request.envelope_size - len(raw)), until)
-        if not data:
-            raise Refused("malformed request: connection closed inside the envelope")
-        raw += data
-    conn.fully_read = True
-    return request, protocol.parse_envelope(bytes(raw))
+def _who(request):
+    text = ""
+    if request.caller is not None:
+        text += f" caller={request.caller}"
+    if request.client_ip:
+        text += " client=" + protocol.printable(request.client_ip, 64)
+    return text
 
 
-def scan(request, envelope, runtime, conn, scan_id):
-    """Examine In into Out; return (reply bytes, log summary). Raises Refused."""
-    in_fd, out_fd = open_spool(request, runtime.settings.tmpdir)
+def scan(job, envelope, runtime):
+    """Examine In into Out; return (reply bytes, log summary): a message past one of
+    the MIME limits is answered REFUSED. Raises Failed or TimeLimit."""
+    request, deadline = job.request, job.deadline
+    in_fd, out_fd = open_files(job, runtime.settings.tmpdir)
     try:
         mappable = os.fstat(in_fd).st_uid in runtime.mappable_owners
         with _contents(in_fd, request.size, mappable) as message:
             try:
-                examined = runtime.examine(message, in_fd, conn.deadline)
+                examined = runtime.examine(message, in_fd, deadline)
             except EngineError as e:
-                raise Refused(f"engine failure: {protocol.printable(e)}") from None
-            except TimeLimit:
-                raise Refused("time limit") from None
+                raise Failed(f"engine failure: {protocol.printable(e)}") from None
             except LimitExceeded as e:
                 return protocol.format_reply("REFUSED", [("Reason", str(e))]), \
                     f"status=refused reason={protocol.printable(e, 200)}"
-            if conn.expired():
-                raise Refused("time limit")  # nobody will read what follows
-            written = 0
-            if examined.status != "infected":
-                written = _write_out(examined, out_fd)
+            check(deadline)
+            status = examined.status
+            if status == "cleaned" and request.on_virus in ("reject", "drop"):
+                status = "infected"  # the client will not deliver it: nothing to write
+            written = _write_out(examined, out_fd, deadline) if status != "infected" else 0
             headers = [("Size", str(written))] if written else []
             headers += [("Threat", t) for t in examined.threats]
             headers.append(("Engines", ",".join(examined.engines)))
-            entry_id = _keep(runtime, message, envelope, examined, scan_id)
+            check(deadline)
+            entry_id = _keep(runtime, message, envelope, examined, job.scan_id)
             if entry_id:
                 headers.append(("Id", entry_id))
     finally:
         os.close(in_fd)
         os.close(out_fd)
-    summary = f"status={examined.status}"
+    summary = f"status={status}"
     if examined.threats:
         summary += " threats=" + protocol.printable("; ".join(examined.threats))
     if entry_id:
         summary += " id=" + entry_id
-    return protocol.format_reply(examined.status.upper(), headers), summary
+    return protocol.format_reply(status.upper(), headers), summary
+
+
+# ---- In and Out ---------------------------------------------------------------------
+
+def open_files(job, tmpdir):
+    """(in_fd, out_fd), both checked, owned by the caller: the descriptors the client
+    passed (the job gives them up), or the named files opened."""
+    if job.fds:
+        in_fd, out_fd = job.fds
+        job.fds = ()
+        try:
+            _check_passed(in_fd, out_fd, job.request.size)
+        except Failed:
+            os.close(in_fd)
+            os.close(out_fd)
+            raise
+        return in_fd, out_fd
+    return open_spool(job.request, tmpdir)
+
+
+def _check_passed(in_fd, out_fd, size):
+    """The two descriptors of a unix-socket request, as docs/protocol.md wants them."""
+    for fd, label, modes in ((in_fd, "In", (os.O_RDONLY, os.O_RDWR)), (out_fd, "Out", (os.O_WRONLY, os.O_RDWR))):
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if flags & os.O_PATH or flags & os.O_ACCMODE not in modes:
+            raise Failed(f"{label} is not open for {'reading' if label == 'In' else 'writing'}")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Failed(f"{label} is not a regular file")
+    i, o = os.fstat(in_fd), os.fstat(out_fd)
+    if (i.st_dev, i.st_ino) == (o.st_dev, o.st_ino):
+        raise Failed("In and Out are the same file")
+    _check_sizes(i, o, size)
+
+
+def _check_sizes(i, o, size):
+    if i.st_size != size:
+        raise Failed(f"In holds {i.st_size} bytes, not Size {size}")
+    if i.st_size > i.st_blocks * 512 + SPARSE_SLACK:
+        raise Failed(f"In is sparse: {i.st_blocks * 512} bytes allocated for {i.st_size}")
+    if o.st_size != 0:
+        raise Failed("Out is not empty")
 
 
 def open_spool(request, tmpdir):
-    """Open In (read-only) and Out (write-only) after every check; (in_fd, out_fd)."""
+    """Open the named In (read-only) and Out (write-only) after every check."""
     in_suffix = _spool_suffix(request.in_path, "i", tmpdir)
     out_suffix = _spool_suffix(request.out_path, "o", tmpdir)
     if in_suffix != out_suffix:
-        raise Refused("In and Out are not a pair (fi<pid>.<random> and fo<same>)")
+        raise Failed("In and Out are not a pair (fi<pid>.<random> and fo<same>)")
     in_fd = _open_regular(request.in_path, os.O_RDONLY)
     try:
         out_fd = _open_regular(request.out_path, os.O_WRONLY)
-    except Refused:
+    except Failed:
         os.close(in_fd)
         raise
     try:
         i, o = os.fstat(in_fd), os.fstat(out_fd)
         if (i.st_uid, i.st_dev) != (o.st_uid, o.st_dev):
-            raise Refused("In and Out have different owners")
-        if i.st_size != request.size:
-            raise Refused(f"In holds {i.st_size} bytes, not Size {request.size}")
-        if o.st_size != 0:
-            raise Refused("Out is not empty")
-    except Refused:
+            raise Failed("In and Out have different owners")
+        _check_sizes(i, o, request.size)
+    except Failed:
         os.close(in_fd)
         os.close(out_fd)
         raise
@@ -146,7 +181,7 @@ def _spool_suffix(path, which, tmpdir):
     if not os.path.isabs(path) or (directory.rstrip("/") or "/") != tmpdir or not m \
             or m.group(1) != which:
         label = "In" if which == "i" else "Out"
-        raise Refused(f"{label} is not a f{which}<pid>.<random> file in {tmpdir}")
+        raise Failed(f"{label} is not a f{which}<pid>.<random> file in {tmpdir}")
     return m.group(2)
 
 
@@ -156,29 +191,29 @@ def _open_regular(path, mode):
         # O_NONBLOCK: opening a FIFO planted under the name must not hang the worker.
         fd = os.open(path, mode | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
-        raise Refused(f"{label}: cannot open: {e.strerror}") from None
+        raise Failed(f"{label}: cannot open: {e.strerror}") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
         os.close(fd)
-        raise Refused(f"{label} is not a regular file with a single link")
+        raise Failed(f"{label} is not a regular file with a single link")
     os.set_blocking(fd, True)
     return fd
 
 
 @contextlib.contextmanager
 def _contents(fd, size, mappable):
-    """In as a read-only bytes-like: mapped when its owner can be trusted not to
-    truncate it under us (touching a mapped page past the end of a truncated file kills
-    the whole daemon with SIGBUS), else read into memory. mmap cannot map 0 bytes."""
+    """In as a read-only bytes-like, without moving its offset: mapped when its owner
+    can be trusted not to truncate it under us (touching a mapped page past the end of
+    a truncated file kills the whole daemon with SIGBUS), else read into memory with
+    pread. mmap cannot map 0 bytes."""
     if size == 0:
         yield b""
     elif not mappable:
-        parts = []
-        done = 0
-        while done < size:
-            part = os.read(fd, size - done)
+        parts, done = [], 0
+        while done < size:  # one read, unless the file system gives less at a time
+            part = os.pread(fd, size - done, done)
             if not part:
-                raise Refused("In was truncated while it was read")
+                raise Failed("In was truncated while it was read")
             parts.append(part)
             done += len(part)
         yield parts[0] if len(parts) == 1 else b"".join(parts)
@@ -193,23 +228,41 @@ def _contents(fd, size, mappable):
                 pass
 
 
-def _write_out(examined, out_fd):
+class _OutWriter:
+    """Out as a file object for Examined.write: pwrite from offset 0 (the offset the
+    client shares is not used), the deadline checked between writes."""
+
+    def __init__(self, fd, deadline):
+        self._fd = fd
+        self._deadline = deadline
+        self.written = 0
+
+    def write(self, data):
+        check(self._deadline)
+        with memoryview(data) as view, view.cast("B") as left:
+            while left:
+                n = os.pwrite(self._fd, left, self.written)
+                self.written += n
+                left = left[n:]
+        return len(data)
+
+
+def _write_out(examined, out_fd, deadline):
+    writer = _OutWriter(out_fd, deadline)
     try:
-        with os.fdopen(os.dup(out_fd), "wb", buffering=1 << 16) as out:
-            written = examined.write(out)
-            out.flush()
-            if os.fstat(out.fileno()).st_size != written:
-                raise Refused("Out changed while it was written")
+        written = examined.write(writer)
+        if written != writer.written or os.fstat(out_fd).st_size != written:
+            raise Failed("Out changed while it was written")
     except OSError as e:  # a full disk is the administrator's to see, not a bug of ours
-        raise Refused(f"cannot write Out: {e.strerror}") from None
+        raise Failed(f"cannot write Out: {e.strerror}") from None
     if written == 0:
-        raise Refused("nothing to deliver")
+        raise Failed("nothing to deliver")
     return written
 
 
 def _keep(runtime, message, envelope, examined, scan_id):
     """Store the original as the settings ask; the quarantine ID, or ''. A message that
-    cannot be stored is not delivered: Refused, and fp-qmail tries again later."""
+    cannot be stored is not delivered: Failed, and fp-qmail tries again later."""
     entry_id = ""
     stores = []
     if runtime.quarantine and examined.status != "clean":
@@ -222,7 +275,7 @@ def _keep(runtime, message, envelope, examined, scan_id):
                                threats=examined.threats, engines=examined.engines, scan_id=scan_id)
         except (OSError, StoreError) as e:
             logger.error("scan %s: cannot store the original in the %s: %s", scan_id, kind, e)
-            raise Refused(f"cannot store the original in the {kind}") from None
+            raise Failed(f"cannot store the original in the {kind}") from None
         if kind == "quarantine":
             entry_id = stored
     return entry_id

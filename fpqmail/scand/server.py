@@ -1,337 +1,465 @@
-"""The controller: the listening socket, the workers, the time limits and the signals.
+"""The accepting thread and the workers: the listening sockets, the connections, the
+time limits, the signals.
 
-The main thread accepts connections, hands them to a fixed number of worker threads
-through a queue, answers `ERROR busy` at once when workers and queue are full,
-answers `ERROR time limit` for a request past its deadline (counted from accept, so
-waiting in the queue counts), and handles signals between two of those:
+One thread (the loop) does every socket operation, non-blocking, around one selector:
+it accepts, reads each request as its bytes arrive (connection.py), hands complete
+requests to the workers through the FairQueue (dispatch.py), sends the replies and
+lingers. A client that connects and sends nothing, or one byte now and then, costs a
+descriptor and a small buffer until its 10 seconds are up, never a worker. Workers
+only run handler.handle() on complete requests, and never touch a socket.
 
+Limits, each with its outcome:
+- FP_SCAND_CONNECTIONS connections still being read or answered, and
+  FP_SCAND_PEER_CONNECTIONS of one peer: past them the oldest is closed (a client
+  that sends its request at once, as fp-qmail does, is never the oldest);
+- FP_SCAND_REQUEST_MEMORY bytes of heads and envelopes: past it, ERROR busy;
+- FP_SCAND_QUEUE complete requests waiting for a worker: past it, ERROR busy for the
+  newest of the caller with the longest line (dispatch.py);
+- FP_SCAND_TIMEOUT from accept: ERROR time limit, and the worker abandons the request
+  at its next deadline check (deadline.py).
+- Out of descriptors (EMFILE, ENFILE) the loop stops accepting for a moment and closes
+  the oldest pending connections, instead of spinning on accept.
+
+Signals (through a wakeup pipe, so they are handled in the loop):
 - SIGTERM, SIGINT: stop accepting, let every accepted request finish or reach its
   deadline, exit 0.
 - SIGHUP: read the config file again and build new engines (or reload the signatures
-  of unchanged ones); requests in flight keep the runtime they started with.
-
-Workers run handler.handle(); the main thread never waits on a client or an engine.
+  of unchanged ones); requests already handed to a worker keep the runtime they got.
 """
 
+import collections
+import errno
 import heapq
 import itertools
+import logging
 import os
-import queue
+import resource
 import selectors
 import signal
 import socket
-import stat
 import threading
 import time
 
-from . import handler, log, protocol
-from .engines import EngineError, make_engine
-from .examine import Limits, examine
+from . import handler, listeners, log, protocol
+from .connection import (LINGER, LINGERING, PINGING, READING, REPLYING, SEND_TIMEOUT, WORKING,
+                         Connection, OverBudget, Probe)
+from .dispatch import Budget, FairQueue
 from .janitor import Janitor
 from .log import logger
-from .quarantine import Store, StoreError
-from fpqmail import values
-
+from .runtime import build_runtime, tcp_exposure
 from .settings import RESTART_ONLY, SettingsError
 
-LINGER = 2.0            # seconds to wait for a client to close after an early reply
-LINGER_BYTES = 1 << 20  # and the most of its unread request to swallow meanwhile
-SEND_TIMEOUT = 10.0     # seconds for a worker to hand a reply to a slow client
 BUSY = protocol.error_reply("busy")
-TIME_LIMIT = protocol.error_reply("time limit")
-
-
-class Runtime:
-    """What a request is served with; replaced whole on SIGHUP."""
-
-    def __init__(self, settings, engines, quarantine, backup, mappable_owners, limits):
-        self.settings = settings
-        self.engines = engines
-        self.limits = limits
-        self.quarantine = quarantine
-        self.backup = backup
-        self.mappable_owners = mappable_owners
-
-    def examine(self, message, fd, deadline):
-        return examine(message, fd, self.engines, deadline, self.limits)
-
-
-def _engine_settings(settings):
-    return {k: v for k, v in settings.raw.items() if k.startswith("FP_SCAND_")}
-
-
-def build_runtime(settings, previous=None) -> Runtime:
-    """Engines and stores for settings; raises SettingsError for anything unusable.
-
-    Engines are kept (and told to reload their signatures) when neither the engine list
-    nor any FP_SCAND_* setting changed, else built anew."""
-    engine_settings = _engine_settings(settings)
-    limits = Limits.from_settings(settings.raw)
-    if previous and previous.settings.engines == settings.engines and \
-            _engine_settings(previous.settings) == engine_settings:
-        engines = previous.engines
-        for engine in engines:
-            try:
-                engine.reload()
-            except EngineError as e:
-                logger.error("engine %s: reload failed, it keeps its old signatures: %s", engine.name, e)
-    else:
-        engines = []
-        for spec in settings.engines:
-            try:
-                engines.append(make_engine(spec, engine_settings))
-            except (ValueError, EngineError) as e:
-                raise SettingsError(f"engine {spec}: {e}") from None
-    # Only to tell the administrator early; in a thread of its own, because a hung
-    # engine must not stop the main thread from accepting and enforcing time limits.
-    threading.Thread(target=_ping, args=(engines,), name="ping", daemon=True).start()
-    if not os.path.isdir(settings.tmpdir):
-        raise SettingsError(f"FP_SCAND_TMPDIR={settings.tmpdir}: not a directory")
-    stores = []
-    for directory in (settings.quarantine, settings.backup):
-        try:
-            stores.append(Store(directory).create() if directory else None)
-        except (OSError, StoreError) as e:
-            raise SettingsError(f"{directory}: cannot use as a store: {e}") from None
-    return Runtime(settings, engines, stores[0], stores[1], _mappable_owners(), limits)
-
-
-def _ping(engines):
-    for engine in engines:
-        try:
-            engine.ping()
-        except EngineError as e:
-            logger.warning("engine %s does not answer now (requests fail until it does): %s", engine.name, e)
-
-
-def _mappable_owners():
-    """Users whose files we map: root, ourselves and qmailq (fp-qmail's user), who do
-    not truncate a file under a scan. Anyone else's In is read into memory instead."""
-    owners = {0, os.geteuid()}
-    try:
-        import pwd
-        owners.add(pwd.getpwnam("qmailq").pw_uid)
-    except KeyError:
-        pass
-    return frozenset(owners)
-
-
-class Connection:
-    """One accepted client. Exactly one reply is ever sent on it: the worker's, or the
-    main thread's ERROR when the deadline passed first."""
-
-    def __init__(self, sock, peer, deadline):
-        self.sock = sock
-        self.peer = peer
-        self.deadline = deadline
-        self.fully_read = False
-        self._lock = threading.Lock()
-        self._answered = False
-
-    def recv(self, size, until):
-        """Bytes from the client, waiting until `until` (monotonic) at most."""
-        remaining = until - time.monotonic()
-        if remaining <= 0:
-            raise handler.Refused(self._late(until))
-        self.sock.settimeout(remaining)
-        try:
-            return self.sock.recv(size)
-        except TimeoutError:
-            raise handler.Refused(self._late(until)) from None
-        except OSError as e:
-            raise handler.Refused(f"connection failed: {e.strerror}") from None
-
-    def _late(self, until):
-        return "time limit" if until >= self.deadline else "request not received in time"
-
-    def expired(self):
-        return self._answered or time.monotonic() >= self.deadline
-
-    def answer(self, reply) -> bool:
-        """Send reply unless one was sent already; True if this one went out."""
-        with self._lock:
-            if self._answered:
-                return False
-            self._answered = True
-            try:
-                self.sock.settimeout(SEND_TIMEOUT)
-                self.sock.sendall(reply)
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError as e:
-                logger.warning("cannot reply to %s: %s", self.peer, e.strerror or e)
-            return True
-
-    def expire(self):
-        """From the main thread: answer ERROR time limit unless a reply is under way."""
-        if not self._lock.acquire(blocking=False):
-            return  # the worker is replying right now
-        try:
-            if self._answered:
-                return
-            self._answered = True
-            try:
-                self.sock.send(TIME_LIMIT, socket.MSG_DONTWAIT)
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-        finally:
-            self._lock.release()
-        logger.warning("request from %s: time limit reached, answered ERROR", self.peer)
-
-    @property
-    def answered(self):
-        return self._answered
-
-    def close(self):
-        """Close; a client whose request was not read to its end is given time to read
-        the reply first (closing with unread input would reset the connection)."""
-        if not self.fully_read:
-            try:
-                self.sock.settimeout(LINGER)
-                swallowed = 0
-                while swallowed < LINGER_BYTES:
-                    data = self.sock.recv(65536)
-                    if not data:
-                        break
-                    swallowed += len(data)
-            except OSError:
-                pass
-        self.sock.close()
+ACCEPT_BATCH = 64        # accepts in a row before the loop looks at everything else
+BACKOFF = 0.2            # seconds without accepting after EMFILE/ENFILE
+BACKOFF_EVICT = 8        # pending connections closed then, to free descriptors
+HEALTH_TTL = 1.0         # seconds a PING reuses the last health check
+PING_TIMEOUT = 10.0      # seconds a PING waits for the engines' health check
+FDS_PER_CONNECTION = 3   # its socket and, on a unix socket, In and Out
+FDS_RESERVED = 64        # for the listeners, the log, engines' sockets, stores...
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class Server:
     def __init__(self, settings, runtime, reload_settings):
         self.runtime = runtime
         self._reload_settings = reload_settings  # () -> Settings, for SIGHUP
-        self._limit = settings.workers + settings.queue
-        self._listener, self._unix_path = _listen(settings)
-        self._queue = queue.SimpleQueue()
-        self._in_flight = 0           # accepted and not yet finished by a worker
-        self._count_lock = threading.Lock()
-        self._deadlines = []          # heap of (deadline, seq, Connection)
-        self._seq = itertools.count()
+        self._nofile = _raise_nofile_limit()
+        self._listeners = listeners.open_all(settings, backlog=max(128, settings.connections))
         self._selector = selectors.DefaultSelector()
-        self._lingering = {}          # busy-refused socket -> time to give up on it
+        self._queue = FairQueue()
+        self._budget = Budget(settings.request_memory)
+        self._conns = set()                            # every open connection
+        self._pending = collections.OrderedDict()      # evictable ones (not with a worker), oldest first
+        self._by_peer = collections.defaultdict(collections.OrderedDict)
+        self._timers = []                              # heap of (time, seq, Connection)
+        self._seq = itertools.count()
+        self._finished = collections.deque()           # (Connection, reply) from the workers
+        self._post_r, self._post_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._pings = []                               # connections waiting for the health check
+        self._health = None                            # (time, problem or None) of the last check
+        self._health_running = False
+        self._backoff_until = None
         self._stopping = False
+        self._max_connections = self._connection_cap(settings)
         self._workers = [threading.Thread(target=self._work, name=f"worker-{n}", daemon=True)
                          for n in range(settings.workers)]
         self._janitor = Janitor(lambda: self.runtime)
 
     @property
-    def address(self):
-        return self._listener.getsockname()
+    def addresses(self):
+        return [listener.address for listener in self._listeners]
 
     def serve(self) -> int:
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal_r, signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(signal_w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda *_: None)  # the wakeup fd carries the number
-        self._listener.setblocking(False)
-        self._selector.register(self._listener, selectors.EVENT_READ)
-        self._selector.register(wake_r, selectors.EVENT_READ)
+        for listener in self._listeners:
+            self._selector.register(listener.sock, selectors.EVENT_READ, listener)
+        self._selector.register(signal_r, selectors.EVENT_READ, "signal")
+        self._selector.register(self._post_r, selectors.EVENT_READ, "finished")
         for worker in self._workers:
             worker.start()
         self._janitor.start()
+        settings = self.runtime.settings
+        exposure = tcp_exposure(settings)
+        if exposure:
+            logger.warning("%s", exposure)
         log.notice("listening on %s with %d workers, queue %d, engines %s",
-                      _describe(self.address), len(self._workers), self._limit - len(self._workers),
-                      ", ".join(e.name for e in self.runtime.engines))
+                   ", ".join(self.addresses), len(self._workers), settings.queue,
+                   ", ".join(e.name for e in self.runtime.engines))
+        next_flush = time.monotonic() + 1
         try:
-            while not (self._stopping and self._all_answered()):
-                timeout = self._next_timeout()
-                for key, _ in self._selector.select(timeout):
-                    if key.fileobj is self._listener:
-                        self._accept()
-                    elif key.fileobj == wake_r:
-                        self._signals(os.read(wake_r, 64))
+            while not (self._stopping and self._all_done()):
+                for key, mask in self._selector.select(self._timeout(next_flush)):
+                    what = key.data
+                    if isinstance(what, listeners.Listener):
+                        self._accept(what)
+                    elif what == "signal":
+                        self._signals(os.read(signal_r, 64))
+                    elif what == "finished":
+                        self._replies_from_workers()
                     else:
-                        self._linger(key.fileobj)
-                self._expire_due()
+                        self._ready(what, mask)
+                now = time.monotonic()
+                self._run_timers(now)
+                if self._backoff_until is not None and now >= self._backoff_until:
+                    self._resume_accepting()
+                if now >= next_flush:
+                    log.flush_throttled()
+                    next_flush = now + 1
         finally:
             self._shut_down()
             signal.set_wakeup_fd(-1)
-            os.close(wake_r)
-            os.close(wake_w)
+            os.close(signal_r)
+            os.close(signal_w)
         return 0
 
-    # ---- main thread ------------------------------------------------------------
+    # ---- accepting ----------------------------------------------------------------
 
-    def _accept(self):
-        for _ in range(64):  # then look at signals and deadlines again
+    def _accept(self, listener):
+        for _ in range(ACCEPT_BATCH):
             try:
-                sock, peer = self._listener.accept()
+                sock, address = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # out of descriptors, a reset before accept...
-                logger.error("accept failed: %s", e.strerror)
+            except OSError as e:
+                if e.errno in _OUT_OF_FDS:
+                    self._back_off(e)
+                else:  # the client reset it before we got to it: nothing to do
+                    log.throttled("accept", logging.WARNING, "accept on %s failed: %s",
+                                  listener.address, e.strerror)
                 return
-            if self._in_flight >= self._limit:
-                self._refuse_busy(sock)
-                continue
-            conn = Connection(sock, _describe(peer) if peer else "unix", time.monotonic() + self.runtime.settings.timeout)
-            with self._count_lock:
-                self._in_flight += 1
-            heapq.heappush(self._deadlines, (conn.deadline, next(self._seq), conn))
-            self._queue.put(conn)
-
-    def _refuse_busy(self, sock):
-        logger.warning("busy: %d requests in flight, answered ERROR busy", self._in_flight)
-        try:
-            sock.send(BUSY, socket.MSG_DONTWAIT)
-            sock.shutdown(socket.SHUT_WR)
             sock.setblocking(False)
-        except OSError:
-            sock.close()
-            return
-        self._lingering[sock] = time.monotonic() + LINGER
-        self._selector.register(sock, selectors.EVENT_READ)
+            try:
+                conn = Connection(sock, listener.unix, address, time.monotonic(), self.runtime.settings.timeout)
+            except OSError as e:  # gone before SO_PEERCRED
+                sock.close()
+                log.throttled("accept", logging.WARNING, "accept on %s failed: %s",
+                              listener.address, e.strerror)
+                continue
+            self._conns.add(conn)
+            self._make_pending(conn)
+            self._limit_pending(conn.peer)
+            self._set_timer(conn, conn.read_until)
+            self._read(conn)  # fp-qmail's request is usually there already
 
-    def _linger(self, sock):
+    def _back_off(self, e):
+        if self._backoff_until is not None:
+            return
+        for listener in self._listeners:
+            self._selector.unregister(listener.sock)
+        self._backoff_until = time.monotonic() + BACKOFF
+        closed = 0
+        while self._pending and closed < BACKOFF_EVICT:
+            self._evict(next(iter(self._pending)), "out of descriptors")
+            closed += 1
+        log.throttled("backoff", logging.ERROR,
+                      "accept failed: %s: not accepting for %g s, closed %d pending connections "
+                      "(%d connections open)", e.strerror, BACKOFF, closed, len(self._conns))
+
+    def _resume_accepting(self):
+        self._backoff_until = None
+        for listener in self._listeners:
+            self._selector.register(listener.sock, selectors.EVENT_READ, listener)
+
+    def _connection_cap(self, settings):
+        """FP_SCAND_CONNECTIONS, or fewer if the descriptor limit cannot hold them
+        beside the requests in work and waiting."""
+        fits = (self._nofile - FDS_RESERVED) // FDS_PER_CONNECTION - settings.workers - settings.queue
+        cap = max(1, min(settings.connections, fits))
+        if cap < settings.connections:
+            log.notice("FP_SCAND_CONNECTIONS=%d does not fit in %d descriptors: at most %d connections",
+                       settings.connections, self._nofile, cap)
+        return cap
+
+    # ---- pending connections and their limits ---------------------------------------
+
+    def _make_pending(self, conn):
+        self._pending[conn] = None
+        self._by_peer[conn.peer][conn] = None
+
+    def _not_pending(self, conn):
+        if self._pending.pop(conn, False) is None:
+            peer = self._by_peer[conn.peer]
+            del peer[conn]
+            if not peer:
+                del self._by_peer[conn.peer]
+
+    def _limit_pending(self, peer):
+        settings = self.runtime.settings
+        mine = self._by_peer.get(peer, ())
+        while len(mine) > settings.peer_connections:
+            self._evict(next(iter(mine)), f"more than {settings.peer_connections} from {peer}")
+        while len(self._pending) > self._max_connections:
+            self._evict(next(iter(self._pending)), f"more than {self._max_connections} in all")
+
+    def _evict(self, conn, why):
+        log.throttled("evict", logging.WARNING, "closed the oldest pending connection (%s, %s): %s",
+                      conn.name, conn.state, why)
+        if conn.state in (READING, PINGING):
+            try:
+                conn.sock.send(BUSY, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        self._close(conn)
+
+    # ---- one connection ---------------------------------------------------------------
+
+    def _ready(self, conn, mask):
+        if conn.state == READING:
+            self._read(conn)
+        elif conn.state == REPLYING:
+            self._send(conn)
+        elif conn.state == LINGERING:
+            if conn.swallow():
+                self._close(conn)
+
+    def _read(self, conn):
         try:
-            data = sock.recv(65536)
-        except BlockingIOError:
+            request = conn.read(self._budget, self.runtime.clients)
+        except Probe:
+            logger.debug("connection from %s closed without a request", conn.name)
+            self._close(conn)
             return
+        except OverBudget:
+            log.throttled("memory", logging.WARNING,
+                          "request from %s: %d bytes of requests buffered, the most FP_SCAND_REQUEST_MEMORY "
+                          "allows: answered ERROR busy", conn.name, self._budget.used)
+            self._reply(conn, BUSY)
+            return
+        except protocol.ProtocolError as e:
+            log.throttled("refused " + str(e), logging.WARNING, "refused a request from %s: %s", conn.name, e)
+            self._reply(conn, protocol.error_reply(str(e)))
+            return
+        except OSError as e:
+            log.throttled("reset", logging.WARNING, "connection from %s failed: %s", conn.name,
+                          e.strerror or e)
+            self._close(conn)
+            return
+        if request is None:
+            self._watch(conn, selectors.EVENT_READ)
+        elif request.command == protocol.PING:
+            self._ping(conn)
+        else:
+            self._dispatch(conn)
+
+    def _dispatch(self, conn):
+        job = conn.take_job()
+        conn.state = WORKING
+        self._not_pending(conn)
+        self._watch(conn, 0)
+        self._set_timer(conn, conn.deadline)
+        dropped = self._queue.put(job, self.runtime.settings.queue)
+        if dropped is not None:
+            log.throttled("busy", logging.WARNING,
+                          "busy: %d requests wait for a worker; answered ERROR busy to %s (%s)",
+                          self.runtime.settings.queue, dropped.peer, dropped.key)
+            dropped.claim()
+            dropped.release(self._budget)
+            self._reply(dropped.conn, BUSY)
+
+    def _reply(self, conn, reply):
+        """Send reply (non-blocking; the rest when the client takes it), then close, or
+        linger if the request was not read to its end."""
+        if conn.state == WORKING:
+            self._make_pending(conn)
+        conn.state = REPLYING
+        conn.close_fds()
+        conn.start_reply(reply)
+        self._set_timer(conn, time.monotonic() + SEND_TIMEOUT)
+        self._send(conn)
+
+    def _send(self, conn):
+        try:
+            done = conn.send()
         except OSError:
-            data = b""
-        if not data:
-            self._drop_lingering(sock)
+            self._close(conn)
+            return
+        if not done:
+            self._watch(conn, selectors.EVENT_WRITE)
+        elif conn.fully_read:
+            self._close(conn)
+        else:  # closing now with unread input would reset the connection, reply and all
+            conn.state = LINGERING
+            self._watch(conn, selectors.EVENT_READ)
+            self._set_timer(conn, time.monotonic() + LINGER)
 
-    def _drop_lingering(self, sock):
-        self._selector.unregister(sock)
-        del self._lingering[sock]
-        sock.close()
+    def _close(self, conn):
+        self._watch(conn, 0)
+        self._not_pending(conn)
+        self._conns.discard(conn)
+        conn.wake_at = None
+        conn.close(self._budget)
 
-    def _expire_due(self):
+    def _watch(self, conn, events):
+        if events == conn.events:
+            return
+        if not conn.events:
+            self._selector.register(conn.sock, events, conn)
+        elif not events:
+            self._selector.unregister(conn.sock)
+        else:
+            self._selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    # ---- time limits --------------------------------------------------------------------
+
+    def _set_timer(self, conn, when):
+        conn.wake_at = when
+        heapq.heappush(self._timers, (when, next(self._seq), conn))
+
+    def _timeout(self, next_flush):
+        times = [next_flush]
+        while self._timers and self._timers[0][2].wake_at != self._timers[0][0]:
+            heapq.heappop(self._timers)  # a timer replaced by a later one, or closed
+        if self._timers:
+            times.append(self._timers[0][0])
+        if self._backoff_until is not None:
+            times.append(self._backoff_until)
+        if self._stopping:
+            times.append(time.monotonic() + 0.05)
+        return max(0, min(times) - time.monotonic())
+
+    def _run_timers(self, now):
+        while self._timers and self._timers[0][0] <= now:
+            when, _, conn = heapq.heappop(self._timers)
+            if conn.wake_at != when:
+                continue
+            conn.wake_at = None
+            if conn.state == READING:
+                reason = "time limit" if conn.read_until >= conn.deadline else "request not received in time"
+                log.throttled("late", logging.WARNING, "request from %s: %s, answered ERROR", conn.name, reason)
+                self._reply(conn, protocol.error_reply(reason))
+            elif conn.state == PINGING:
+                self._pings.remove(conn)
+                self._reply(conn, protocol.error_reply("health check did not finish in time"))
+            elif conn.state == WORKING:
+                self._expire(conn)
+            else:  # replying or lingering too long
+                self._close(conn)
+
+    def _expire(self, conn):
+        job = conn.job
+        if not job.claim():
+            return  # the worker's reply is on its way
+        if self._queue.remove(job):
+            job.release(self._budget)
+        logger.warning("scan %s from %s: time limit reached, answered ERROR", job.scan_id, conn.name)
+        self._reply(conn, handler.TIME_LIMIT)
+
+    # ---- PING ----------------------------------------------------------------------------
+
+    def _ping(self, conn):
+        conn.state = PINGING
+        self._watch(conn, 0)
         now = time.monotonic()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            conn = heapq.heappop(self._deadlines)[2]
-            conn.expire()
-        for sock, give_up in list(self._lingering.items()):
-            if give_up <= now:
-                self._drop_lingering(sock)
+        if self._queue.full(self.runtime.settings.queue):
+            self._reply(conn, BUSY)
+        elif self._health and now - self._health[0] < HEALTH_TTL:
+            self._reply(conn, self._pong(self._health[1]))
+        else:
+            self._pings.append(conn)
+            self._set_timer(conn, now + PING_TIMEOUT)
+            if not self._health_running:
+                self._health_running = True
+                threading.Thread(target=self._check_health, args=(self.runtime,), name="health",
+                                 daemon=True).start()
 
-    def _next_timeout(self):
-        times = [self._deadlines[0][0]] if self._deadlines else []
-        times += self._lingering.values()
-        timeout = min(times) - time.monotonic() if times else None
-        if self._stopping:  # look often whether the last request was answered
-            timeout = 0.05 if timeout is None else min(timeout, 0.05)
-        return None if timeout is None else max(timeout, 0)
+    def _check_health(self, runtime):
+        self._post(None, runtime.health())
 
-    def _all_answered(self):
-        # Deadlines are popped only when they pass; a connection still in the heap
-        # unanswered is in flight.
-        self._deadlines = [d for d in self._deadlines if not d[2].answered]
-        heapq.heapify(self._deadlines)
-        return not self._deadlines
+    def _pong(self, problem):
+        if problem:
+            return protocol.error_reply(problem)
+        return protocol.format_reply("PONG", [("Engines", ",".join(e.name for e in self.runtime.engines))])
+
+    # ---- workers ---------------------------------------------------------------------------
+
+    def _work(self):
+        while True:
+            job = self._queue.take()
+            if job is None:
+                return
+            try:
+                if not job.claimed:  # else the loop answered it already (time limit)
+                    reply, line = handler.handle(job, self.runtime)
+                    if job.claim():
+                        if line:
+                            logger.info("%s", line)
+                        self._post(job.conn, reply)
+                    elif line:
+                        logger.warning("scan %s: finished after the time limit; the ERROR reply stands",
+                                       job.scan_id)
+            except Exception as e:  # a bug of ours: the client still gets an answer
+                logger.error("internal error on a request from %s: %r", job.peer, e)
+                logger.debug("traceback", exc_info=True)
+                if job.claim():
+                    self._post(job.conn, protocol.error_reply("internal error"))
+            finally:
+                job.release(self._budget)
+                self._queue.done(job)
+
+    def _post(self, conn, reply):
+        """From a worker (or the health check): hand a reply to the loop."""
+        self._finished.append((conn, reply))
+        try:
+            os.write(self._post_w, b"\0")
+        except BlockingIOError:
+            pass  # the loop has wakeups pending already
+
+    def _replies_from_workers(self):
+        try:
+            os.read(self._post_r, 4096)
+        except BlockingIOError:
+            pass
+        while self._finished:
+            conn, reply = self._finished.popleft()
+            if conn is None:  # the health check
+                self._health = (time.monotonic(), reply)
+                self._health_running = False
+                for waiting in self._pings:
+                    if waiting.state == PINGING:  # not closed meanwhile
+                        self._reply(waiting, self._pong(reply))
+                self._pings = []
+            elif conn.state == WORKING:
+                self._reply(conn, reply)
+
+    # ---- signals, reload, stop --------------------------------------------------------------
 
     def _signals(self, numbers):
         for signum in numbers:
             if signum in (signal.SIGTERM, signal.SIGINT) and not self._stopping:
-                log.notice("%s: no new requests; finishing %d in flight",
-                              signal.Signals(signum).name, self._in_flight)
+                log.notice("%s: no new requests; finishing %d connections",
+                           signal.Signals(signum).name, len(self._conns))
                 self._stopping = True
-                self._selector.unregister(self._listener)
-                self._close_listener()
+                for listener in self._listeners:
+                    if self._backoff_until is None:
+                        self._selector.unregister(listener.sock)
+                    listener.close()
+                self._listeners = []
+                self._backoff_until = None
             elif signum == signal.SIGHUP and not self._stopping:
                 self._reload()
 
@@ -347,98 +475,38 @@ class Server:
         if changed:
             logger.warning("SIGHUP: %s changed: takes effect only after a restart", ", ".join(changed))
         log.set_level(settings.loglevel)
+        self._budget.limit = settings.request_memory
+        self._max_connections = self._connection_cap(settings)
         self.runtime = runtime
         log.notice("SIGHUP: configuration and signatures reloaded; engines %s",
-                      ", ".join(e.name for e in runtime.engines))
+                   ", ".join(e.name for e in runtime.engines))
 
-    def _close_listener(self):
-        if self._unix_path:
-            path, identity = self._unix_path
-            try:  # remove the socket's name only if it is still ours
-                st = os.lstat(path)
-                if (st.st_dev, st.st_ino) == identity:
-                    os.unlink(path)
-            except OSError:
-                pass
-        self._listener.close()
+    def _all_done(self):
+        """While stopping: every connection answered (lingering ones do not count)."""
+        return all(conn.state == LINGERING for conn in self._conns)
 
     def _shut_down(self):
-        if not self._stopping:
-            self._close_listener()
+        for listener in self._listeners:
+            listener.close()
         self._janitor.stop()
-        for sock in list(self._lingering):
-            self._drop_lingering(sock)
-        for _ in self._workers:
-            self._queue.put(None)
+        for conn in list(self._conns):
+            if conn.state == WORKING and conn.job.claim() and self._queue.remove(conn.job):
+                conn.job.release(self._budget)
+            self._close(conn)
+        self._queue.close()
         give_up = time.monotonic() + 1.0
         for worker in self._workers:  # idle ones leave at once; a stuck one is abandoned
             worker.join(max(0, give_up - time.monotonic()))
         log.notice("stopped")
 
-    # ---- worker threads -----------------------------------------------------------
 
-    def _work(self):
-        while True:
-            conn = self._queue.get()
-            if conn is None:
-                return
-            try:
-                if not conn.answered:
-                    handler.handle(conn, self.runtime)
-            except Exception as e:  # a bug of ours: the client still gets an answer
-                logger.error("internal error on a request from %s: %r", conn.peer, e)
-                logger.debug("traceback", exc_info=True)
-                conn.answer(protocol.error_reply("internal error"))
-            finally:
-                conn.close()
-                with self._count_lock:
-                    self._in_flight -= 1
-
-
-def _listen(settings):
-    """The bound, listening socket, and for a unix socket (path, (st_dev, st_ino))."""
-    family, address = values.endpoint(settings.listen, listen=True)
-    unix = None
-    backlog = max(128, settings.workers + settings.queue)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        if family == socket.AF_UNIX:
-            _remove_stale_socket(address)
-            sock.bind(address)
-            os.chmod(address, settings.socket_mode)
-            st = os.lstat(address)
-            unix = (address, (st.st_dev, st.st_ino))
-        else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-        sock.listen(backlog)
-    except OSError as e:
-        sock.close()
-        raise OSError(e.errno, f"cannot listen on {settings.listen}: {e.strerror}") from None
-    return sock, unix
-
-
-def _remove_stale_socket(path):
-    """A socket file left by a daemon that died is removed; a live one is an error."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(17, "exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(98, "another daemon is listening there")
-
-
-def _describe(address):
-    if isinstance(address, tuple):
-        host, port = address[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return address
+def _raise_nofile_limit():
+    """Raise the soft limit of descriptors to the hard one; the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            logger.warning("cannot raise the descriptor limit from %d to %d: %s", soft, hard, e)
+    return soft

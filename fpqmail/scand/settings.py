@@ -23,8 +23,12 @@ class Setting:
 
 
 TABLE = (
-    Setting("FP_SCAND_LISTEN", "127.0.0.1:11200",
-            "where to listen: host:port, [ipv6]:port or an absolute unix socket path"),
+    Setting("FP_SCAND_LISTEN", "/run/fpqmail-scand/scand.sock",
+            "where to listen, one or more of: an absolute unix socket path (descriptors, "
+            "peers checked), host:port or [ipv6]:port (file names), separated by spaces"),
+    Setting("FP_SCAND_CLIENTS", "root qmailq",
+            "users (names or uids) whose processes may ask for scans on a unix socket; "
+            "the daemon's own user always may; anyone may PING"),
     Setting("FP_SCAND_ENGINES", "builtin",
             "engines, separated by spaces; a message is clean only if every one says so"),
     Setting("FP_SCAND_TMPDIR", "",
@@ -32,7 +36,16 @@ TABLE = (
             "empty: FP_QMAIL_TMPDIR from the same file, else /tmp"),
     Setting("FP_SCAND_WORKERS", "8", "requests scanned at the same time"),
     Setting("FP_SCAND_QUEUE", "100",
-            "accepted requests that wait for a worker; past that the reply is ERROR busy"),
+            "complete requests that wait for a worker; past that the newest request of the "
+            "caller with the most waiting is answered ERROR busy"),
+    Setting("FP_SCAND_CONNECTIONS", "512",
+            "connections whose request is still being read (or answered) at once; past "
+            "that the oldest of them is closed"),
+    Setting("FP_SCAND_PEER_CONNECTIONS", "64",
+            "the same for one peer (a uid on a unix socket, an address on TCP)"),
+    Setting("FP_SCAND_REQUEST_MEMORY", "128",
+            "MiB of request heads and envelopes buffered at once over all connections; "
+            "past that a request is answered ERROR busy"),
     Setting("FP_SCAND_TIMEOUT", "90",
             "seconds a request may take from accept to reply (then ERROR); keep it "
             "below fp-qmail's FP_QMAIL_TIMEOUT so that fp-qmail hears why"),
@@ -56,7 +69,7 @@ TABLE = (
 )
 DEFAULTS = {s.key: s.default for s in TABLE}
 # Settings a running daemon cannot change on SIGHUP: they shape its sockets and threads.
-RESTART_ONLY = ("FP_SCAND_LISTEN", "FP_SCAND_WORKERS", "FP_SCAND_QUEUE", "FP_SCAND_SOCKET_MODE")
+RESTART_ONLY = ("FP_SCAND_LISTEN", "FP_SCAND_WORKERS", "FP_SCAND_SOCKET_MODE")
 
 
 class SettingsError(ValueError):
@@ -65,11 +78,15 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    listen: str
+    listen: tuple[str, ...]
+    clients: tuple[str, ...]
     engines: tuple[str, ...]
     tmpdir: str
     workers: int
     queue: int
+    connections: int
+    peer_connections: int
+    request_memory: int  # bytes
     timeout: float
     quarantine: str
     backup: str
@@ -93,10 +110,14 @@ def load(config_path, overrides, required=False) -> Settings:
         raw["FP_SCAND_TMPDIR"] = values.get("FP_QMAIL_TMPDIR") or CLIENT_DEFAULTS["FP_QMAIL_TMPDIR"]
     settings = Settings(
         listen=_listen(raw, "FP_SCAND_LISTEN"),
+        clients=tuple(words(raw, "FP_SCAND_CLIENTS")),
         engines=tuple(raw["FP_SCAND_ENGINES"].split()),
         tmpdir=_directory(raw, "FP_SCAND_TMPDIR"),
         workers=number(raw, "FP_SCAND_WORKERS", 1, 1024, int),
         queue=number(raw, "FP_SCAND_QUEUE", 0, 100000, int),
+        connections=number(raw, "FP_SCAND_CONNECTIONS", 1, 1000000, int),
+        peer_connections=number(raw, "FP_SCAND_PEER_CONNECTIONS", 1, 1000000, int),
+        request_memory=number(raw, "FP_SCAND_REQUEST_MEMORY", 1, 1 << 20, int) << 20,
         timeout=number(raw, "FP_SCAND_TIMEOUT", 1, 86400),
         quarantine=_optional_directory(raw, "FP_SCAND_QUARANTINE"),
         backup=_optional_directory(raw, "FP_SCAND_BACKUP"),
@@ -172,9 +193,15 @@ def _optional_directory(raw, key):
 
 
 def _listen(raw, key):
-    value = raw[key].strip()
-    try:
-        values.endpoint(value, listen=True)
-    except ValueError as e:
-        raise SettingsError(f"{key}={values.printable(value, 100)!r}: {e}") from None
-    return value
+    """One or more endpoints, each checked; duplicates are a mistake."""
+    endpoints = words(raw, key)
+    if not endpoints:
+        raise SettingsError(f"{key}: no address given")
+    for value in endpoints:
+        try:
+            values.endpoint(value, listen=True)
+        except ValueError as e:
+            raise SettingsError(f"{key}={values.printable(value, 100)!r}: {e}") from None
+    if len(set(endpoints)) != len(endpoints):
+        raise SettingsError(f"{key}: an address is given twice")
+    return tuple(endpoints)

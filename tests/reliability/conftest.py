@@ -1,5 +1,5 @@
 """Fixtures of the reliability suite. The lead's `rig` (tests/conftest.py) runs fp-qmail;
-the daemon and clamd come from their own fixtures (scand_fixtures, clamd_fixtures).
+the daemon and clamd come from their plugins (scand_fixtures, clamd_fixtures).
 What is added here: real broken peers (raw sockets), tmpfs mounts, a copy of the
 binary and the stand-in that other users can run, and the summary table (summary.py).
 """
@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from clamd_fixtures import clamd  # noqa: F401  (fixtures used by the tests here)
 from conftest import BINARY, TESTS, UNDER_TEST, Rig, standin_executable
-from scand_fixtures import start_scand  # noqa: F401
 
 from . import summary
 

@@ -15,7 +15,7 @@ import pytest
 import scanner_double as sd
 from conftest import MESSAGE, TESTS, become, envelope, fp_qmail_command, free_port
 from fpqmail.queue import ENVELOPE_MAX
-from scand_fixtures import Scand
+from scand_fixtures import Scand, request_bytes, spool
 
 from .checks import PERMANENT, SUCCESS, TEMPORARY, held
 from .conftest import dead, predictable_names, remove_all
@@ -53,16 +53,21 @@ def test_scanner_resetting_the_connection_unread(rig, raw_listener):
 
 
 @fault("scanner: refusing")
-def test_daemon_refusing_with_busy(rig, start_scand):
-    daemon = start_scand(rig.tmpdir, args=("--workers", "1", "--queue", "0"))
+def test_daemon_refusing_with_busy(rig, start_scand, slow_engine):
+    slow = slow_engine(60)
+    daemon = start_scand(rig.tmpdir, engines=(slow.spec,), args=("--workers", "1", "--queue", "0"))
     rig.env["FP_QMAIL_SCANNER"] = daemon.address
+    holder = spool(rig.tmpdir, MESSAGE)
     stalled = socket.create_connection(("127.0.0.1", daemon.port))
     try:
-        stalled.sendall(b"FPQMAIL/1 SCAN\n")  # holds the only worker
+        stalled.sendall(request_bytes(*holder, len(MESSAGE)))  # holds the only worker in its engine
         time.sleep(0.5)
         r = rig.run()
     finally:
+        slow.close()
         stalled.close()
+        for name in holder:
+            os.unlink(name)
     held(r, TEMPORARY, "scanner error: busy")
     assert r.code == 71
 

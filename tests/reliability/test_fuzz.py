@@ -361,10 +361,11 @@ def feed(data, sizes):
 
 @fuzz("protocol: daemon's request parser")
 def test_request_parser_is_the_same_in_any_chunking(request):
-    head = st.lists(st.sampled_from([b"FPQMAIL/1 SCAN", b"In: /tmp/fi1.0123456789abcdef",
+    head = st.lists(st.sampled_from([b"FPQMAIL/1 SCAN", b"FPQMAIL/1 PING", b"In: /tmp/fi1.0123456789abcdef",
                                      b"Out: /tmp/fo1.0123456789abcdef", b"Size: 5", b"Envelope: 3",
                                      b"X-Later: x", b"size: 05", b"In:", b"Size: -1", b"a" * 4097, b"",
-                                     b"FPQMAIL/2 SCAN", b"\xff"]), max_size=10)
+                                     b"FPQMAIL/2 SCAN", b"\xff", b"Caller: 1002", b"Caller: -1",
+                                     b"On-Virus: drop", b"On-Virus: x", b"Client-IP: 192.0.2.1"]), max_size=10)
     data = st.one_of(st.binary(max_size=400),
                      st.tuples(head, st.sampled_from([b"\n", b"\r\n"]), st.binary(max_size=8))
                      .map(lambda t: t[1].join(t[0]) + t[1] + t[2]))
@@ -392,8 +393,8 @@ def test_requests_of_the_grammar_parse_to_their_values(request):
         lines = [b"FPQMAIL/1 SCAN"] + [fields[k] for k in order] + extra
         data = newline.join(lines) + newline + newline + envelope
         result = feed(data, sizes)
-        assert result[:2] == ("request", protocol.Request("/tmp/fi" + suffix, "/tmp/fo" + suffix, size,
-                                                          len(envelope))), result
+        assert result[:2] == ("request", protocol.Request("SCAN", size, len(envelope), "/tmp/fi" + suffix,
+                                                          "/tmp/fo" + suffix)), result
         assert result[2] == envelope
 
 

@@ -1,0 +1,130 @@
+"""What requests are served with: the settings, the engines, the stores, and who may
+ask. Built at start and again on SIGHUP; a request keeps the Runtime it started with.
+"""
+
+import os
+import pwd
+import stat
+import threading
+
+from .engines import EngineError, make_engine
+from .examine import Limits, examine
+from .log import logger
+from .quarantine import Store, StoreError
+from .settings import SettingsError
+
+
+class Runtime:
+    """What a request is served with; replaced whole on SIGHUP."""
+
+    def __init__(self, settings, engines, quarantine, backup, clients, mappable_owners, limits):
+        self.settings = settings
+        self.engines = engines
+        self.limits = limits                    # what one message may cost (mime.Limits)
+        self.quarantine = quarantine
+        self.backup = backup
+        self.clients = clients                  # uids that may ask for scans on a unix socket
+        self.mappable_owners = mappable_owners  # uids whose In is mapped, not read
+
+    def examine(self, message, fd, deadline):
+        return examine(message, fd, self.engines, deadline, self.limits)
+
+    def health(self):
+        """None when every engine answers its own health check, else the first problem."""
+        for engine in self.engines:
+            try:
+                engine.ping()
+            except EngineError as e:
+                return f"engine {engine.name}: {e}"
+        return None
+
+
+def _engine_settings(settings):
+    return {k: v for k, v in settings.raw.items() if k.startswith("FP_SCAND_")}
+
+
+def build_runtime(settings, previous=None) -> Runtime:
+    """Engines and stores for settings; raises SettingsError for anything unusable.
+
+    Engines are kept (and told to reload their signatures) when neither the engine list
+    nor any FP_SCAND_* setting changed, else built anew."""
+    engine_settings = _engine_settings(settings)
+    limits = Limits.from_settings(settings.raw)
+    if previous and previous.settings.engines == settings.engines and \
+            _engine_settings(previous.settings) == engine_settings:
+        engines = previous.engines
+        for engine in engines:
+            try:
+                engine.reload()
+            except EngineError as e:
+                logger.error("engine %s: reload failed, it keeps its old signatures: %s", engine.name, e)
+    else:
+        engines = []
+        for spec in settings.engines:
+            try:
+                engines.append(make_engine(spec, engine_settings))
+            except (ValueError, EngineError) as e:
+                raise SettingsError(f"engine {spec}: {e}") from None
+    if not os.path.isdir(settings.tmpdir):
+        raise SettingsError(f"FP_SCAND_TMPDIR={settings.tmpdir}: not a directory")
+    stores = []
+    for directory in (settings.quarantine, settings.backup):
+        try:
+            stores.append(Store(directory).create() if directory else None)
+        except (OSError, StoreError) as e:
+            raise SettingsError(f"{directory}: cannot use as a store: {e}") from None
+    runtime = Runtime(settings, engines, stores[0], stores[1], _clients(settings.clients),
+                      _mappable_owners(), limits)
+    # Only to tell the administrator early; in a thread of its own, because a hung
+    # engine must not stop the main thread from accepting and enforcing time limits.
+    threading.Thread(target=_warn_unhealthy, args=(runtime,), name="ping", daemon=True).start()
+    return runtime
+
+
+def _warn_unhealthy(runtime):
+    problem = runtime.health()
+    if problem:
+        logger.warning("%s: does not answer now (requests fail until it does)", problem)
+
+
+def _clients(names):
+    """The uids of FP_SCAND_CLIENTS (names or numbers) and the daemon's own. A name no
+    user has is logged and skipped: the default names qmailq, which a machine without
+    qmail does not have."""
+    uids = {os.geteuid()}
+    for name in names:
+        if name.isdigit():
+            uids.add(int(name))
+            continue
+        try:
+            uids.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            logger.warning("FP_SCAND_CLIENTS: no user %r on this system: skipped", name)
+    return frozenset(uids)
+
+
+def _mappable_owners():
+    """Users whose files we map: root, ourselves and qmailq (fp-qmail's user), who do
+    not truncate a file under a scan. Anyone else's In is read into memory instead."""
+    owners = {0, os.geteuid()}
+    try:
+        owners.add(pwd.getpwnam("qmailq").pw_uid)
+    except KeyError:
+        pass
+    return frozenset(owners)
+
+
+def tcp_exposure(settings):
+    """A warning for a TCP listener whose temp directory others can list (anyone who
+    can list it can name another message's pair: docs/protocol.md), else None."""
+    if all(endpoint.startswith("/") for endpoint in settings.listen):
+        return None
+    try:
+        mode = os.stat(settings.tmpdir).st_mode
+    except OSError:
+        return None  # build_runtime refuses it
+    if mode & stat.S_IROTH:
+        return (f"FP_SCAND_TMPDIR={settings.tmpdir} can be listed by every user: over TCP, anyone "
+                f"who can connect can name another message's files (give it mode 2770, "
+                f"or use the unix socket)")
+    return None
