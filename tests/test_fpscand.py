@@ -1,6 +1,7 @@
 """The fpscand engine against the strict fpscand test double (a real TCP server)."""
 
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -139,15 +140,17 @@ def test_examine_with_fpscand(engine):
 
 
 def test_one_connection_per_message_one_stream_per_object(doubles, engine):
-    built = message(multipart([leaf(b"text" + CRLF), leaf(b"one", CRLF, "application/octet-stream", "base64", "a.bin"),
-                               leaf(b"two", CRLF, "application/octet-stream", "base64", "b c.bin")]))
-    before = len(doubles["normal"].session_lines())
+    tag = os.urandom(4).hex()  # names no other test's session has
+    built = message(multipart([leaf(b"text" + CRLF),
+                               leaf(b"one", CRLF, "application/octet-stream", "base64", f"a{tag}.bin"),
+                               leaf(b"two", CRLF, "application/octet-stream", "base64", f"b {tag}.bin")]))
     assert examine(built.data, None, [engine]).status == "clean"
     deadline = time.monotonic() + 10
-    while len(doubles["normal"].session_lines()) == before and time.monotonic() < deadline:
+    while not [line for line in doubles["normal"].session_lines() if tag in line] and time.monotonic() < deadline:
         time.sleep(0.01)
     # the bytes around the parts, the text, the two attachments: one connection
-    assert doubles["normal"].session_lines()[before:] == ["message message a.bin b_c.bin"]
+    assert [line for line in doubles["normal"].session_lines() if tag in line] == \
+        [f"message message a{tag}.bin b_{tag}.bin"]
 
 
 @pytest.mark.parametrize("encoding", ["7bit", "base64", "quoted-printable"])
