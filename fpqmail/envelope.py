@@ -34,14 +34,14 @@ def _whole_length(data):
     end = data.find(b"\0\0")
     if end < 0:
         return 0
-    records = data[:end + 1]  # F<sender>\0 T<recipient>\0 ...
-    if records.count(b"\0") != records.count(b"\0T") + 1:
+    records = end + 1  # F<sender>\0 T<recipient>\0 ...: searched in place, never copied
+    if data.count(b"\0", 0, records) != data.count(b"\0T", 0, records) + 1:
         return 0
     # No run of ADDRESS_MAX + 1 bytes without a NUL (the F or T and the address): from
     # each window's last NUL, the next window; every skipped start lies before that NUL.
     pos = 0
-    while len(records) - pos > ADDRESS_MAX:
-        nul = records.rfind(b"\0", pos, pos + ADDRESS_MAX + 1)
+    while records - pos > ADDRESS_MAX:
+        nul = data.rfind(b"\0", pos, pos + ADDRESS_MAX + 1)
         if nul < 0:
             return 0
         pos = nul + 1

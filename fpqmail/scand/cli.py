@@ -2,17 +2,20 @@
 systemd expect; logs to syslog (facility mail) and stderr.
 
 Exit codes: 0 stopped by SIGTERM/SIGINT (or --check passed), 1 cannot listen,
-2 bad command line or configuration.
+2 bad command line or configuration, 3 (--check) an engine does not answer.
 """
 
 import argparse
 import sys
 
 from . import log, memory, settings
+from .engines import EngineError
 from .log import logger
+from fpqmail.values import printable
 
 EXIT_LISTEN = 1
 EXIT_CONFIG = 2
+EXIT_ENGINE = 3  # --check only: a daemon starts anyway, and its requests fail meanwhile
 
 
 def parser():
@@ -40,7 +43,10 @@ def parser():
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.config == "":
+        p.error("--config: an empty file name")
     overrides = {
         "FP_SCAND_LISTEN": args.listen,
         "FP_SCAND_ENGINES": " ".join(args.engine) if args.engine else None,
@@ -57,7 +63,7 @@ def main(argv=None) -> int:
     def load():
         loaded = settings.load(config, overrides, required=args.config is not None)
         for line, problem in loaded.problems:
-            logger.warning("%s line %d skipped: %s", config, line, problem)
+            logger.warning("%s line %d skipped: %s", printable(config), line, printable(problem))
         return loaded
 
     log.setup("fpqmail-scand", int(settings.DEFAULTS["FP_SCAND_LOGLEVEL"]))
@@ -65,14 +71,13 @@ def main(argv=None) -> int:
         current = load()
         log.set_level(current.loglevel)
         from .server import Server, build_runtime
-        runtime = build_runtime(current)
+        runtime = build_runtime(current, ping=not args.check)
     except settings.SettingsError as e:
-        logger.error("configuration: %s", e)
+        logger.error("configuration: %s", printable(e))  # it may quote the command line
         return EXIT_CONFIG
     if args.check:
-        for s in settings.TABLE:
-            print(f"{s.key}={current.raw[s.key]}")
-        return 0
+        print("".join(f"{s.key}={current.raw[s.key]}\n" for s in settings.TABLE), end="", flush=True)
+        return check_engines(current.engines, runtime.engines)
     memory.give_back_big_blocks()
     try:
         server = Server(current, runtime, load)
@@ -80,6 +85,18 @@ def main(argv=None) -> int:
         logger.error("%s", e.strerror or e)
         return EXIT_LISTEN
     return server.serve()
+
+
+def check_engines(specs, engines) -> int:
+    """--check: every engine's own health check; each that does not answer is named."""
+    silent = 0
+    for spec, engine in zip(specs, engines):
+        try:
+            engine.ping()
+        except EngineError as e:
+            logger.error("--check: engine %s does not answer: %s", printable(spec), e)
+            silent += 1
+    return EXIT_ENGINE if silent else 0
 
 
 if __name__ == "__main__":

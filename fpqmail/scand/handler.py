@@ -29,7 +29,7 @@ from .deadline import TimeLimit, check
 from .engines import EngineError
 from .examine import LimitExceeded
 from .log import logger
-from .quarantine import StoreError
+from .quarantine import StoreError, fate_of
 
 # A file system may allocate a little less than a file's size (data kept inline in the
 # inode, tail packing); more than this missing is a hole.
@@ -96,7 +96,7 @@ def scan(job, envelope, runtime):
             headers += [("Threat", t) for t in examined.threats]
             headers.append(("Engines", ",".join(examined.engines)))
             check(deadline)
-            entry_id = _keep(runtime, message, envelope, examined, job.scan_id)
+            entry_id = _keep(runtime, message, envelope, examined, job.scan_id, request.on_virus)
             if entry_id:
                 headers.append(("Id", entry_id))
     finally:
@@ -260,7 +260,7 @@ def _write_out(examined, out_fd, deadline):
     return written
 
 
-def _keep(runtime, message, envelope, examined, scan_id):
+def _keep(runtime, message, envelope, examined, scan_id, on_virus):
     """Store the original as the settings ask; the quarantine ID, or ''. A message that
     cannot be stored is not delivered: Failed, and fp-qmail tries again later."""
     entry_id = ""
@@ -272,6 +272,7 @@ def _keep(runtime, message, envelope, examined, scan_id):
     for kind, store in stores:
         try:
             stored = store.put(message, envelope, kind=kind, status=examined.status,
+                               fate=fate_of(examined.status, on_virus),
                                threats=examined.threats, engines=examined.engines, scan_id=scan_id)
         except (OSError, StoreError) as e:
             logger.error("scan %s: cannot store the original in the %s: %s", scan_id, kind, e)

@@ -10,8 +10,10 @@ DIR defaults to FP_SCAND_QUARANTINE from the config file. `release` hands the or
 byte for byte, with its original envelope to qmail-queue.orig, named by FP_QMAIL_QUEUE
 as fp-qmail finds it: the environment, else the config file, else the default.
 
-Exit codes: 0 done, 1 the action failed (no such entry, qmail-queue.orig refused...),
-2 bad command line or configuration.
+Exit codes: 0 done, 1 the action failed (no such entry, a damaged entry, `list`
+skipped one, qmail-queue.orig refused...), 2 bad command line or configuration, or a
+store that cannot be used (absent, a symlink, writable by others, not readable).
+Every failure is one line on stderr, never a traceback.
 """
 
 import argparse
@@ -57,23 +59,30 @@ def parser():
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    for option, value in (("--dir", args.dir), ("--config", args.config)):
+        if value == "":  # an unset shell variable: never the configured store instead
+            p.error(f"{option}: an empty name")
     log.setup("fpqmail-quarantine", 6, stderr=False)
     try:
         config, _ = settings.read_config(args.config or settings.DEFAULT_CONFIG, args.config is not None)
         directory = args.dir or config.get("FP_SCAND_QUARANTINE", "")
         if not directory:
             raise settings.SettingsError("no store: give --dir DIR or set FP_SCAND_QUARANTINE")
-        if not os.path.isdir(directory):
-            raise settings.SettingsError(f"{directory}: not a directory")
-    except settings.SettingsError as e:
-        print(f"fpqmail-quarantine: {e}", file=sys.stderr)
+        # Root looks after the daemon's store, so any owner; never a symlink or a
+        # directory others may write in (they could forge entries to release).
+        store = Store(directory, any_owner=True).check()
+    except (settings.SettingsError, StoreError) as e:
+        _complain(e)
         return EXIT_USAGE
-    store = Store(directory)
+    if sys.stdout is None and (args.action in ("list", "show") or args.action == "export" and not args.output):
+        _complain("cannot write: standard output is closed")
+        return EXIT_FAILED
     try:
         if args.action == "list":
-            list_entries(store)
-        elif args.action == "show":
+            return EXIT_FAILED if list_entries(store) else 0
+        if args.action == "show":
             show(store, args.id)
         elif args.action == "export":
             export(store, args.id, args.output)
@@ -83,38 +92,51 @@ def main(argv=None) -> int:
             store.delete(args.id)
             logger.info("deleted %s from %s", args.id, directory)
     except (StoreError, Failed) as e:
-        print(f"fpqmail-quarantine: {e}", file=sys.stderr)
+        _complain(e)
         return EXIT_FAILED
     except BrokenPipeError:  # `list | head`
         sys.stderr.close()
+    except OSError as e:  # standard output closed or full
+        _complain(f"cannot write: {e.strerror}")
+        return EXIT_FAILED
     return 0
 
 
-def list_entries(store):
+def list_entries(store) -> int:
+    """Print one line per entry; return how many could not be listed (each named)."""
+    skipped = 0
+
+    def skip(error):
+        nonlocal skipped
+        skipped += 1
+        _complain(error)
+
     out = sys.stdout
-    for entry_id in store.ids():
+    for entry_id in store.ids(skipped=skip):
         try:
             m = store.meta(entry_id)
         except StoreError as e:
-            print(f"fpqmail-quarantine: {e}", file=sys.stderr)
+            skip(e)
             continue
-        out.write("\t".join([entry_id, m["time"], m["status"], printable(m["sender"]) or "<>",
+        out.write("\t".join([entry_id, printable(m["time"]), printable(m["status"]), printable(m["fate"]),
+                             printable(m["sender"]) or "<>",
                              ",".join(printable(r) for r in m["recipients"]),
-                             "; ".join(m["threats"])]) + "\n")
+                             printable("; ".join(m["threats"]))]) + "\n")
     out.flush()
+    return skipped
 
 
 def show(store, entry_id):
     m = store.meta(entry_id)
     message = store.original(entry_id)
     lines = [f"ID: {entry_id}", f"Kind: {m['kind']}", f"Time: {m['time']}", f"Status: {m['status']}",
-             f"Threats: {'; '.join(m['threats'])}", f"Engines: {', '.join(m['engines'])}",
-             f"Sender: <{printable(m['sender'])}>"]
-    lines += [f"Recipient: <{printable(r)}>" for r in m["recipients"]]
+             f"Fate: {m['fate']}", f"Threats: {'; '.join(m['threats'])}",
+             f"Engines: {', '.join(m['engines'])}", f"Sender: <{m['sender']}>"]
+    lines += [f"Recipient: <{r}>" for r in m["recipients"]]
     lines += [f"Size: {m['size']}", f"SHA-256: {m['sha256']}", f"Scan: {m['scan_id']}",
-              f"Released: {', '.join(m['released']) or 'never'}", f"File: {store.message_path(entry_id)}", ""]
+              f"Released: {', '.join(m['released']) or 'never'}", f"File: {store.message_path(entry_id)}"]
     end = _header_end(message)
-    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.write("".join(printable(line) + "\n" for line in lines) + "\n")
     sys.stdout.flush()
     sys.stdout.buffer.write(message[:min(end, HEADERS_SHOWN)])
     sys.stdout.buffer.flush()
@@ -154,14 +176,22 @@ def release(store, entry_id, program, again):
     if code != 0:
         what = f"killed by signal {-code}" if code < 0 else f"exit {code}"
         raise Failed(f"{program} did not accept {entry_id} ({what}); it stays in the store")
-    store.mark_released(entry_id)
     logger.info("released %s to %d recipient(s) through %s", entry_id, len(m["recipients"]), program)
-    print(f"released {entry_id} to {len(m['recipients'])} recipient(s)")
+    try:
+        store.mark_released(entry_id)
+    except StoreError as e:
+        raise Failed(f"{program} accepted {entry_id}, but the release is not recorded: {e}") from None
+    if sys.stdout is not None:  # done: a closed standard output is no failure now
+        print(f"released {entry_id} to {len(m['recipients'])} recipient(s)")
 
 
 def queue_program(config):
     """FP_QMAIL_QUEUE as fp-qmail finds it: environment, config file, default."""
     return os.environ.get("FP_QMAIL_QUEUE") or config.get("FP_QMAIL_QUEUE") or CLIENT_DEFAULTS["FP_QMAIL_QUEUE"]
+
+
+def _complain(problem):
+    print(f"fpqmail-quarantine: {problem}", file=sys.stderr, flush=True)
 
 
 def _header_end(message):

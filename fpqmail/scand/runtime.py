@@ -43,7 +43,7 @@ def _engine_settings(settings):
     return {k: v for k, v in settings.raw.items() if k.startswith("FP_SCAND_")}
 
 
-def build_runtime(settings, previous=None) -> Runtime:
+def build_runtime(settings, previous=None, ping=True) -> Runtime:
     """Engines and stores for settings; raises SettingsError for anything unusable.
 
     Engines are kept (and told to reload their signatures) when neither the engine list
@@ -77,7 +77,8 @@ def build_runtime(settings, previous=None) -> Runtime:
                       _mappable_owners(), limits)
     # Only to tell the administrator early; in a thread of its own, because a hung
     # engine must not stop the main thread from accepting and enforcing time limits.
-    threading.Thread(target=_warn_unhealthy, args=(runtime,), name="ping", daemon=True).start()
+    if ping:  # (--check pings them itself, and waits)
+        threading.Thread(target=_warn_unhealthy, args=(runtime,), name="ping", daemon=True).start()
     return runtime
 
 
