@@ -26,9 +26,16 @@ CLAMD = "/usr/sbin/clamd"
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 # A second body signature, so tests can tell threats apart and use a non-EICAR one.
 MARKER = b"FPQMAIL-TEST-MARKER-7f3a9c2e-do-not-deliver"
+# A signature for mail only (target type 4): clamd matches it in what it takes for a
+# whole mail, never in a part sent alone.
+MAIL_MARKER = b"FPQMAIL-TEST-MAIL-ONLY-5d2c81aa"
 # An exact-file (MD5) signature: clamd reports it only for exactly these bytes.
 HDB_FILE = b"fp-qmail test file matched by its MD5 digest\n"
 STREAM_MAX = 2 * 1024 * 1024
+# Debian's clamav-testfiles: 44 files (archives, packers, documents, mail) that all hold
+# one test program, clam.exe; one MD5 signature of it finds every one of them.
+TESTFILES = "/usr/share/clamav-testfiles"
+TESTFILE_THREAT = "Fpqmail-Test-Clam-Exe.UNOFFICIAL"
 
 
 class Clamd:
@@ -54,8 +61,13 @@ class Clamd:
         with open(os.path.join(db, "fpqmail-test.ndb"), "w") as f:
             f.write(f"Fpqmail-Test-Eicar:0:*:{EICAR.hex()}\n")
             f.write(f"Fpqmail-Test-Marker:0:*:{MARKER.hex()}\n")
+            f.write(f"Fpqmail-Test-Mail-Only:4:*:{MAIL_MARKER.hex()}\n")
         with open(os.path.join(db, "fpqmail-test.hdb"), "w") as f:
             f.write(f"{hashlib.md5(HDB_FILE).hexdigest()}:{len(HDB_FILE)}:Fpqmail-Test-Md5\n")
+            if os.path.exists(os.path.join(TESTFILES, "clam.exe")):
+                with open(os.path.join(TESTFILES, "clam.exe"), "rb") as exe:
+                    program = exe.read()
+                f.write(f"{hashlib.md5(program).hexdigest()}:{len(program)}:{TESTFILE_THREAT[:-11]}\n")
         conf = os.path.join(self.dir, "clamd.conf")
         with open(conf, "w") as f:
             f.write("\n".join([

@@ -17,6 +17,8 @@ can assert there were none) and the connection is closed without a reply.
 Verdicts: the EICAR string -> `1 <infected: EICAR_Test_File>`; SUSPICIOUS_MARK ->
 `2 <suspicious: Heuristic_Test>`; IOERROR_MARK -> `16 <I/O error>`; else `0 <clean>`.
 --mode garbage|silent|close makes every request fail in that way (a broken daemon).
+--sessions FILE: one line per connection, when it ends: the names of the streams it
+scanned, space-separated (a client's one connection per message shows there).
 Prints `PORT <n>` on stdout once it listens.
 """
 
@@ -75,11 +77,13 @@ def result_lines(data, name):
 
 class Handler(socketserver.StreamRequestHandler):
     def handle(self):
+        self.streams = []
         try:
             while self.one_request():
                 pass
         except Violation as e:
             self.server.violation(str(e))
+        self.server.session(self.streams)
 
     def one_request(self):
         line = self.rfile.readline(MAX_LINE + 1)
@@ -100,6 +104,7 @@ class Handler(socketserver.StreamRequestHandler):
             data = self.rfile.read(size)
             if len(data) != size:
                 raise Violation(f"stream {name}: {len(data)} of {size} bytes before EOF")
+            self.streams.append(name)
         elif file:
             name = file.group(1)
             try:
@@ -127,10 +132,16 @@ class Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, port, mode, max_size, violations):
+    def __init__(self, port, mode, max_size, violations, sessions):
         super().__init__(("127.0.0.1", port), Handler)
         self.mode, self.max_size, self.violations_path = mode, max_size, violations
+        self.sessions_path = sessions
         self.lock = threading.Lock()
+
+    def session(self, streams):
+        if self.sessions_path:
+            with self.lock, open(self.sessions_path, "a") as f:
+                f.write(" ".join(streams) + "\n")
 
     def violation(self, text):
         print(f"fpscand_double: protocol violation: {text}", file=sys.stderr, flush=True)
@@ -145,8 +156,9 @@ def main():
     parser.add_argument("--mode", choices=["normal", "garbage", "silent", "close"], default="normal")
     parser.add_argument("--max-size", type=int, default=10 << 20)
     parser.add_argument("--violations")
+    parser.add_argument("--sessions")
     args = parser.parse_args()
-    with Server(args.port, args.mode, args.max_size, args.violations) as server:
+    with Server(args.port, args.mode, args.max_size, args.violations, args.sessions) as server:
         print(f"PORT {server.server_address[1]}", flush=True)
         server.serve_forever()
 

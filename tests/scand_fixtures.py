@@ -291,19 +291,20 @@ class SlowEngine:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn):
+        # One connection per message: every object a SCAN STREAM, then QUIT.
         with conn, conn.makefile("rb") as f:
-            line = f.readline()
-            if not line.startswith(b"SCAN STREAM "):
-                return
-            _, _, name, _, size = line.split()
-            f.read(int(size))
-            self.arrivals.append(time.monotonic())
-            self._stop.wait(self.delay)
-            try:
-                conn.sendall(b"0 <clean> %s\n" % name)
-                f.readline()  # QUIT
-            except OSError:
-                pass
+            while True:
+                line = f.readline()
+                if not line.startswith(b"SCAN STREAM "):
+                    return  # QUIT, or the connection closed
+                _, _, name, _, size = line.split()
+                f.read(int(size))
+                self.arrivals.append(time.monotonic())
+                self._stop.wait(self.delay)
+                try:
+                    conn.sendall(b"0 <clean> %s\n" % name)
+                except OSError:
+                    return
 
     def close(self):
         self._stop.set()

@@ -1,18 +1,22 @@
 """The fpscand engine against the strict fpscand test double (a real TCP server)."""
 
 import io
+import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from fpqmail.scand.deadline import TimeLimit
 from fpqmail.scand.engines import EngineError, make_engine
 from fpqmail.scand.engines.fpscand import parse_reply
 from fpqmail.scand.examine import examine
 from fpscand_double import IOERROR_MARK, SUSPICIOUS_MARK
-from mime_corpus import EICAR, check_output, corpus, text_and_attachment, zip_of
+from mime_corpus import (CRLF, EICAR, check_output, corpus, leaf, message, multipart, realistic, rfc822,
+                         text_and_attachment, zip_of)
 
 DOUBLE = Path(__file__).with_name("fpscand_double.py")
 
@@ -20,9 +24,10 @@ DOUBLE = Path(__file__).with_name("fpscand_double.py")
 class Double:
     def __init__(self, tmp_path, mode):
         self.violations = tmp_path / f"violations-{mode}"
+        self.sessions = tmp_path / f"sessions-{mode}"
         self.process = subprocess.Popen(
             [sys.executable, str(DOUBLE), "--mode", mode, "--max-size", str(1 << 20),
-             "--violations", str(self.violations)],
+             "--violations", str(self.violations), "--sessions", str(self.sessions)],
             stdout=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
         assert line.startswith("PORT "), line
@@ -30,6 +35,10 @@ class Double:
 
     def violation_lines(self):
         return self.violations.read_text().splitlines() if self.violations.exists() else []
+
+    def session_lines(self):
+        """One line per connection ended: the stream names it scanned."""
+        return self.sessions.read_text().splitlines() if self.sessions.exists() else []
 
     def stop(self):
         self.process.terminate()
@@ -128,3 +137,44 @@ def test_examine_with_fpscand(engine):
         check_output(out.getvalue(), built, result.status)
     result = examine(text_and_attachment(zip_of({"e.com": EICAR}), filename="invoice.zip").data, None, [engine])
     assert result.threats == ["EICAR_Test_File in invoice.zip"]
+
+
+def test_one_connection_per_message_one_stream_per_object(doubles, engine):
+    tag = os.urandom(4).hex()  # names no other test's session has
+    built = message(multipart([leaf(b"text" + CRLF),
+                               leaf(b"one", CRLF, "application/octet-stream", "base64", f"a{tag}.bin"),
+                               leaf(b"two", CRLF, "application/octet-stream", "base64", f"b {tag}.bin")]))
+    assert examine(built.data, None, [engine]).status == "clean"
+    deadline = time.monotonic() + 10
+    while not [line for line in doubles["normal"].session_lines() if tag in line] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # the bytes around the parts, the text, the two attachments: one connection
+    assert [line for line in doubles["normal"].session_lines() if tag in line] == \
+        [f"message message a{tag}.bin b_{tag}.bin"]
+
+
+@pytest.mark.parametrize("encoding", ["7bit", "base64", "quoted-printable"])
+def test_eicar_in_a_forwarded_message_in_any_encoding(encoding, engine):
+    inner = message(multipart([leaf(b"inner" + CRLF), leaf(EICAR, CRLF, "application/octet-stream", "base64",
+                                                           "inner.com")], boundary="in"), CRLF, b"inner")
+    built = message(multipart([leaf(b"forwarding" + CRLF), rfc822(inner, CRLF, encoding)]))
+    result = examine(built.data, None, [engine])
+    assert result.status == "cleaned" and result.threats == ["EICAR_Test_File in inner.com"]
+
+
+def test_realistic_corpus(engine):
+    for seed in range(100):
+        built = realistic(seed)
+        result = examine(built.data, None, [engine])
+        out = io.BytesIO()
+        result.write(out)
+        assert result.status == built.expected_status, seed
+        check_output(out.getvalue(), built, result.status)
+
+
+def test_a_silent_engine_never_holds_a_request_past_its_deadline(doubles):
+    engine = make_engine(f"fpscand:{doubles['silent'].address}", {"FP_SCAND_FPSCAND_TIMEOUT": "60"})
+    started = time.monotonic()
+    with pytest.raises(TimeLimit):
+        examine(corpus()["plain-lf"].data, None, [engine], deadline=started + 0.5)
+    assert time.monotonic() - started < 5  # the engine's 60 s did not count

@@ -10,6 +10,8 @@ import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from clamd_fixtures import EICAR, Clamd
 from conftest import REPO, read_deliveries
 from scand_fixtures import TEMPORARY, connect
@@ -60,7 +62,7 @@ def test_eicar_in_a_zip_attachment_is_cut_out_quarantined_and_released_intact(ri
     rest = b"Received: " + rest
     assert rest.startswith(BEFORE) and rest.endswith(AFTER)
     notice = rest[len(BEFORE):-len(AFTER)]
-    assert notice.startswith(b"Content-Type: text/plain; charset=utf-8\r\n")
+    assert notice.startswith(b"Content-Type: text/plain; charset=us-ascii\r\n")
     assert b'removed the attachment "invoice.zip"' in notice and b"UEsDB" not in notice
     # the quarantine holds the original; release hands it back byte for byte
     listing = quarantine_tool("--dir", qdir, "list").stdout.decode()
@@ -146,3 +148,47 @@ def test_a_hung_engine_meets_the_time_limit_and_sigterm_still_stops_the_daemon(r
         own.process.send_signal(signal.SIGCONT)
         own.stop()
         shutil.rmtree(own.dir, ignore_errors=True)
+
+
+# ---- issue 9 section 2: what clamd was not shown -------------------------------------
+
+SIGNED = (b"Received: from mx.example.org (1.2.3.4) by example.net\r\nFrom: alice@example.org\r\n"
+          b"To: bob@example.net\r\nSubject: signed\r\nMIME-Version: 1.0\r\n"
+          b"Content-Type: multipart/signed; protocol=\"application/pgp-signature\"; micalg=pgp-sha256;\r\n"
+          b"\tboundary=\"sig\"\r\n\r\n"
+          b"--sig\r\nContent-Type: text/plain\r\n\r\nsigned text\r\n"
+          b"--sig\r\nContent-Type: application/pgp-signature\r\n\r\nsignature\r\n"
+          b"--sig\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+          b"Content-Disposition: attachment; filename=\"late.com\"\r\n\r\n"
+          + base64.encodebytes(EICAR).replace(b"\n", b"\r\n") + b"--sig--\r\n")
+CONTENT_TYPE_ONLY = (b"Content-Type: multipart/mixed; boundary=\"only\"\n\n"
+                     b"--only\nContent-Type: text/plain\n\nfirst\n"
+                     b"--only\nContent-Type: text/plain\n\nsecond\n"
+                     b"--only\nContent-Type: application/octet-stream\nContent-Transfer-Encoding: base64\n"
+                     b"Content-Disposition: attachment; filename=\"late.com\"\n\n"
+                     + base64.encodebytes(EICAR) + b"--only--\n")
+
+
+@pytest.mark.parametrize("message", [SIGNED, CONTENT_TYPE_ONLY], ids=["multipart-signed", "content-type-only"])
+@pytest.mark.parametrize("policy", ["deliver", "reject", "drop"])
+def test_eicar_in_a_later_part_is_cut_out_or_the_message_refused(rig, start_scand, clamd, message, policy):
+    connect(rig, start_scand(rig.tmpdir, engines=(clamd.unix_spec,)))
+    r = rig.run(message, env={"FP_QMAIL_ON_VIRUS": policy})
+    if policy == "reject":
+        assert r.code == 31 and r.delivered == [], r
+        return
+    assert r.code == 0, r
+    if policy == "drop":
+        assert r.delivered == []
+        return
+    [(delivered, _, _)] = r.delivered
+    header, _, rest = delivered.partition(message[:20])
+    assert header.startswith(b"X-Antivirus: scanned by fp-qmail (clamd); infected:")
+    assert b"Fpqmail-Test-Eicar.UNOFFICIAL in late.com" in header.replace(b"\r\n\t", b" ").replace(b"\n\t", b" ")
+    rest = message[:20] + rest
+    # every byte but the infected part's is delivered as it came, the part is a notice
+    start = message.index(b"Content-Type: application/octet-stream")
+    end = message.rindex(b"--", 0, message.rindex(b"--")) - (2 if message.endswith(b"\r\n") else 1)
+    assert rest.startswith(message[:start]) and rest.endswith(message[end:])
+    notice = rest[start:len(rest) - (len(message) - end)]
+    assert b'removed the attachment "late.com"' in notice and base64.b64encode(EICAR)[:40] not in notice

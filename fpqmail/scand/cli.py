@@ -8,7 +8,7 @@ Exit codes: 0 stopped by SIGTERM/SIGINT (or --check passed), 1 cannot listen,
 import argparse
 import sys
 
-from . import log, settings
+from . import log, memory, settings
 from .engines import EngineError
 from .log import logger
 from fpqmail.values import printable
@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     if args.check:
         print("".join(f"{s.key}={current.raw[s.key]}\n" for s in settings.TABLE), end="", flush=True)
         return check_engines(current.engines, runtime.engines)
+    memory.give_back_big_blocks()
     try:
         server = Server(current, runtime, load)
     except OSError as e:

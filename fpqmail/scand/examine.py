@@ -1,18 +1,27 @@
-"""What the scanner does to a message: ask the engines, then deliver it unchanged (with
-one added header), cut out the parts that carry a threat, or declare it infected.
+"""What the scanner does to a message: take it apart, let every engine judge every piece,
+then deliver it unchanged (with one added header), cut out the parts that carry a
+threat, declare it infected, or refuse it when it is past a limit.
+
+The daemon's own MIME decomposition (mime.Decomposed) decides what every engine sees:
+each decoded leaf, the inside of forwarded messages whatever their encoding, and the
+bytes around them. No engine is trusted to find parts by itself.
 
 Byte-exactness is the rule: the output is the added X-Antivirus header followed by the
 original bytes, except that each removed part's bytes (between its delimiter lines) are
 replaced by a short text/plain notice. Nothing else is re-encoded or refolded.
 """
 
+import bisect
+
 from fpqmail.values import printable
 
 from . import mime
-from .deadline import check
+from .deadline import check as check_deadline
+from .engines import EngineError, ScanObject
+from .mime import Limits, LimitExceeded  # noqa: F401 (examine's callers catch it)
 
+DEFAULT_LIMITS = Limits.from_settings({})
 HEADER_WIDTH = 78
-NESTING_LIMIT_NAME = "MIME-Nesting-Limit-Exceeded"
 MAX_THREAT = 200  # characters; file names can be long, header lines must not be
 
 
@@ -30,13 +39,9 @@ class Examined:
         """Write the message to deliver to the binary file object out; return the
         number of bytes written. For "infected" it is the original with the header
         naming the threats: not to be delivered, but useful to look at."""
-        header = self._header(mime.newline_of(self._message))
+        header = self.header()
         out.write(header)
-        return len(header) + self._write_body(out)
-
-    def _write_body(self, out):
-        """The original bytes, removed parts replaced by their notices."""
-        written = 0
+        written = len(header)
         with memoryview(self._message) as original:
             pos = 0
             for start, end, notice in self._removed + [(len(original), len(original), b"")]:
@@ -47,7 +52,9 @@ class Examined:
                 pos = end
         return written
 
-    def _header(self, newline):
+    def header(self):
+        """The X-Antivirus header, in the message's own line ending."""
+        newline = mime.newline_of(self._message)
         text = "X-Antivirus: scanned by fp-qmail (" + ", ".join(self.engines) + ")"
         if self.status != "clean":
             items = self.threats + (["removed"] if self.status == "cleaned" else [])
@@ -55,121 +62,112 @@ class Examined:
             text += _fold(items, len(text), newline)
         return text.encode("ascii") + newline
 
+    def notices(self):
+        return [notice for _, _, notice in self._removed]
 
-def examine(message, fd, engines, deadline=None) -> Examined:
-    """Scan message (bytes-like; fd: a readable descriptor of it, or None) with every
-    engine in turn. Raises EngineError if any engine fails: never a verdict then;
-    deadline.TimeLimit once the deadline (time.monotonic()) has passed."""
+
+def examine(message, fd, engines, deadline=None, limits=None) -> Examined:
+    """Judge message (bytes-like) with every engine. fd: a readable descriptor of it, or
+    None, for an engine that also judges the whole message. limits: mime.Limits, by
+    default the daemon's defaults. Raises LimitExceeded (the message must be refused),
+    EngineError (no verdict) and deadline.TimeLimit."""
+    limits = limits or DEFAULT_LIMITS
+    if len(message) > limits.max_size:
+        raise LimitExceeded("message too large to be scanned (#5.3.4)")
     buf = message if hasattr(message, "find") else bytes(message)
     names = [engine.name for engine in engines]
-    found = _find(buf, fd, engines, deadline)
-    if not found.whole and not found.parts:
-        return Examined(message, names, "clean", [])
-    threats = found.threat_list()
-    removable = found.removable_parts()
-    if removable is None:
-        return Examined(message, names, "infected", threats)
-    removed = [(p.start, p.end, _notice(found.parts_under(p), p.newline)) for p in removable]
+    with mime.Decomposed(buf, limits, deadline) as parts:
+        # unplaced: threats in what belongs to no separable part (the message's header,
+        # a preamble, the body of a single-part message; the whole message)
+        found, unplaced = _ask(engines, parts.objects, deadline, ScanObject(buf, fd))
+        by_owner = {}
+        for obj, threats in zip(parts.objects, found):
+            if not threats:
+                continue
+            if obj.owner is None:
+                unplaced += threats
+            else:
+                by_owner.setdefault(obj.owner, {}).setdefault(obj.filename, []).extend(threats)
+    if not unplaced and not by_owner:
+        return Examined(buf, names, "clean", [])
+    threats = _threat_list(by_owner, unplaced)
+    removable = _removable(by_owner)
+    if unplaced or removable is None:
+        return Examined(buf, names, "infected", threats)
+    removed = [(part.start, part.end, _notice(findings, part.newline)) for part, findings in removable]
     cleaned = Examined(buf, names, "cleaned", threats, removed)
-    # The cleaned message must pass every engine on its own: a threat no part
-    # explained (in a header, a preamble, a part the engine could not see alone)
-    # is still in it, and then the message cannot be cleaned.
-    again = _find(_render_body(cleaned), None, engines, deadline)
-    if again.whole_or_parts():
-        return Examined(message, names, "infected", list(dict.fromkeys(threats + again.threat_list())))
+    # What the cleaned message holds that no engine has seen is what we wrote into
+    # it: the header and the notices, which quote file names from the message.
+    added = [ScanObject(piece) for piece in [cleaned.header(), *cleaned.notices()]]
+    again = [t for verdicts in _ask(engines, added, deadline)[0] for t in verdicts]
+    if again:
+        return Examined(buf, names, "infected", list(dict.fromkeys(threats + again)))
     return cleaned
 
 
-class _Findings:
-    def __init__(self, tree):
-        self.tree = tree
-        self.whole = []     # threats found in the message as a whole
-        self.parts = {}     # leaf Part -> threats found in its decoded content
-
-    def whole_or_parts(self):
-        return bool(self.whole or self.parts)
-
-    def threat_list(self):
-        """Threats of the parts ("Name in file"), then those found only in the whole."""
-        named = {}
-        for part, threats in self.parts.items():
-            for threat in threats:
-                named[printable(f"{threat} in {part.filename}" if part.filename else threat, MAX_THREAT)] = threat
-        seen = set(named.values())
-        return list(dict.fromkeys([*named, *(printable(t, MAX_THREAT) for t in self.whole if t not in seen)]))
-
-    def removable_parts(self):
-        """The outermost separable parts that hold the infected leaves, in order;
-        None if a threat was not tied to a part or a part cannot be separated."""
-        if not self.parts:
-            return None
-        chosen = []
-        for leaf in self.parts:
-            part = leaf.removable()
-            if part is None:
-                return None
-            chosen.append(part)
-        outermost = [p for p in chosen if not any(_inside(p, q) for q in chosen if q is not p)]
-        return sorted(dict.fromkeys(outermost), key=lambda p: p.start)
-
-    def parts_under(self, part):
-        return {leaf: t for leaf, t in self.parts.items() if leaf is part or _inside(leaf, part)}
-
-
-def _find(buf, fd, engines, deadline):
-    """Every engine's findings for the message as a whole and for its decoded leaves."""
-    found = _Findings(None)
+def _ask(engines, objects, deadline, whole=None):
+    """([threats of each object], threats of the whole message), every engine's
+    findings together; the whole message goes to the engines that want it too."""
+    found = [[] for _ in objects]
+    in_whole = []
     for engine in engines:
-        check(deadline)
-        whole = engine.scan(buf, fd=fd)
-        found.whole += whole
-        # An engine that decodes mail itself answered for every part already; only
-        # when it found something do we ask it part by part, to know what to remove.
-        if engine.decodes_mail and not whole:
-            continue
-        if found.tree is None:
-            found.tree = mime.parse(buf)
-            if found.tree.too_deep():
-                # Parts below the limit were not decoded: the message cannot be
-                # judged whole, and nobody nests MIME that deep for a good reason.
-                found.whole.append(NESTING_LIMIT_NAME)
-        for leaf in found.tree.leaves():
-            check(deadline)
-            threats = engine.scan(leaf.decoded(buf), filename=leaf.filename)
-            if threats:
-                found.parts.setdefault(leaf, []).extend(threats)
-    return found
+        check_deadline(deadline)
+        extra = [whole] if whole is not None and engine.whole_message else []
+        try:
+            verdicts = engine.scan_objects(objects + extra, deadline)
+        except EngineError:
+            check_deadline(deadline)  # the request's time ran out, not the engine
+            raise
+        for k, threats in enumerate(verdicts[:len(objects)]):
+            found[k] += threats
+        for threats in verdicts[len(objects):]:
+            in_whole += threats
+    return found, in_whole
 
 
-def _render_body(examined):
-    import io
-    out = io.BytesIO()
-    examined._write_body(out)
-    return out.getvalue()
+def _threat_list(by_owner, unplaced):
+    """"Name in file" for what was found in a named part, then the bare names."""
+    named = []
+    for findings in by_owner.values():
+        for filename, threats in findings.items():
+            named += [printable(f"{t} in {filename}" if filename else t, MAX_THREAT) for t in threats]
+    return list(dict.fromkeys(named + [printable(t, MAX_THREAT) for t in unplaced]))
 
 
-def _inside(part, container):
-    p = part.parent
-    while p is not None:
-        if p is container:
-            return True
-        p = p.parent
-    return False
+def _removable(by_owner):
+    """[(part to cut out, {file name: threats} found inside it)], outermost parts in
+    message order; None if a threat sits in a part that cannot be separated."""
+    chosen = {}
+    for owner in by_owner:
+        part = owner.removable
+        if part is None:
+            return None
+        chosen[part] = {}
+    outermost = []
+    for part in sorted(chosen, key=lambda p: p.seq):
+        if not (outermost and outermost[-1].contains(part)):
+            outermost.append(part)
+    starts = [part.seq for part in outermost]
+    for owner, findings in sorted(by_owner.items(), key=lambda item: item[0].seq):
+        holder = outermost[bisect.bisect_right(starts, owner.seq) - 1]
+        for filename, threats in findings.items():
+            chosen[holder].setdefault(filename, []).extend(threats)
+    return [(part, chosen[part]) for part in outermost]
 
 
-def _notice(infected_leaves, newline):
-    """The text/plain part put in place of a removed one."""
+def _notice(findings, newline):
+    """The text/plain part put in place of a removed one: printable ASCII only, so a
+    file name can never bring a line break or a MIME part of its own."""
+    nl = newline.decode()
     lines = []
-    for leaf, threats in infected_leaves.items():
-        what = f'the attachment "{leaf.filename}"' if leaf.filename else "a part of this message"
-        lines.append(f"fp-qmail removed {what}: it contained {', '.join(threats)}.")
-    text = newline.decode().join(lines)  # the line break before the delimiter ends it
-    body = text.encode("utf-8")
-    encoding = "7bit" if body.isascii() else "8bit"
-    header = (f"Content-Type: text/plain; charset=utf-8{newline.decode()}"
-              f"Content-Transfer-Encoding: {encoding}{newline.decode()}"
-              f"Content-Disposition: inline{newline.decode()}{newline.decode()}")
-    return header.encode("ascii") + body
+    for filename, threats in findings.items():
+        what = f'the attachment "{printable(filename, MAX_THREAT)}"' if filename else "a part of this message"
+        lines.append(f"fp-qmail removed {what}: it contained "
+                     f"{printable(', '.join(dict.fromkeys(threats)), 2 * MAX_THREAT)}.")
+    header = (f"Content-Type: text/plain; charset=us-ascii{nl}"
+              f"Content-Transfer-Encoding: 7bit{nl}"
+              f"Content-Disposition: inline{nl}{nl}")
+    return (header + nl.join(lines)).encode("ascii")  # the line break before the delimiter ends it
 
 
 def _fold(items, column, newline):

@@ -27,6 +27,7 @@ import time
 from . import protocol
 from .deadline import TimeLimit, check
 from .engines import EngineError
+from .examine import LimitExceeded
 from .log import logger
 from .quarantine import StoreError, fate_of
 
@@ -72,8 +73,8 @@ def _who(request):
 
 
 def scan(job, envelope, runtime):
-    """Examine In into Out; return (reply bytes, log summary). Raises Failed or
-    TimeLimit."""
+    """Examine In into Out; return (reply bytes, log summary): a message past one of
+    the MIME limits is answered REFUSED. Raises Failed or TimeLimit."""
     request, deadline = job.request, job.deadline
     in_fd, out_fd = open_files(job, runtime.settings.tmpdir)
     try:
@@ -83,6 +84,9 @@ def scan(job, envelope, runtime):
                 examined = runtime.examine(message, in_fd, deadline)
             except EngineError as e:
                 raise Failed(f"engine failure: {protocol.printable(e)}") from None
+            except LimitExceeded as e:
+                return protocol.format_reply("REFUSED", [("Reason", str(e))]), \
+                    f"status=refused reason={protocol.printable(e, 200)}"
             check(deadline)
             status = examined.status
             if status == "cleaned" and request.on_virus in ("reject", "drop"):

@@ -8,7 +8,7 @@ import stat
 import threading
 
 from .engines import EngineError, make_engine
-from .examine import examine
+from .examine import Limits, examine
 from .log import logger
 from .quarantine import Store, StoreError
 from .settings import SettingsError
@@ -17,16 +17,17 @@ from .settings import SettingsError
 class Runtime:
     """What a request is served with; replaced whole on SIGHUP."""
 
-    def __init__(self, settings, engines, quarantine, backup, clients, mappable_owners):
+    def __init__(self, settings, engines, quarantine, backup, clients, mappable_owners, limits):
         self.settings = settings
         self.engines = engines
+        self.limits = limits                    # what one message may cost (mime.Limits)
         self.quarantine = quarantine
         self.backup = backup
         self.clients = clients                  # uids that may ask for scans on a unix socket
         self.mappable_owners = mappable_owners  # uids whose In is mapped, not read
 
     def examine(self, message, fd, deadline):
-        return examine(message, fd, self.engines, deadline=deadline)
+        return examine(message, fd, self.engines, deadline, self.limits)
 
     def health(self):
         """None when every engine answers its own health check, else the first problem."""
@@ -48,6 +49,7 @@ def build_runtime(settings, previous=None, ping=True) -> Runtime:
     Engines are kept (and told to reload their signatures) when neither the engine list
     nor any FP_SCAND_* setting changed, else built anew."""
     engine_settings = _engine_settings(settings)
+    limits = Limits.from_settings(settings.raw)
     if previous and previous.settings.engines == settings.engines and \
             _engine_settings(previous.settings) == engine_settings:
         engines = previous.engines
@@ -72,7 +74,7 @@ def build_runtime(settings, previous=None, ping=True) -> Runtime:
         except (OSError, StoreError) as e:
             raise SettingsError(f"{directory}: cannot use as a store: {e}") from None
     runtime = Runtime(settings, engines, stores[0], stores[1], _clients(settings.clients),
-                      _mappable_owners())
+                      _mappable_owners(), limits)
     # Only to tell the administrator early; in a thread of its own, because a hung
     # engine must not stop the main thread from accepting and enforcing time limits.
     if ping:  # (--check pings them itself, and waits)

@@ -58,6 +58,14 @@ TABLE = (
     Setting("FP_SCAND_SOCKET_MODE", "0666",
             "permissions of the unix socket (fp-qmail runs as qmailq and must connect)"),
     Setting("FP_SCAND_LOGLEVEL", "6", "syslog priorities 0 (emerg) .. 7 (debug) to log; 6 logs every message"),
+    # What one message may cost (docs/scand-settings.md); past a limit: REFUSED.
+    Setting("FP_SCAND_MAX_SIZE", "52428800", "bytes of the largest message scanned; a larger one is refused"),
+    Setting("FP_SCAND_MAX_PARTS", "1000", "MIME parts of one message, nested messages' included"),
+    Setting("FP_SCAND_MAX_DEPTH", "50", "MIME containers nested inside each other"),
+    Setting("FP_SCAND_MAX_HEADER_SIZE", "1048576", "bytes of one header (the message's or a part's)"),
+    Setting("FP_SCAND_MAX_HEADER_LINES", "10000", "lines of one header field"),
+    Setting("FP_SCAND_MAX_EXPANSION", "4",
+            "bytes decoded and sent to the engines for one message, in times its size"),
 )
 DEFAULTS = {s.key: s.default for s in TABLE}
 # Settings a running daemon cannot change on SIGHUP: they shape its sockets and threads.

@@ -1,10 +1,21 @@
 """Scanning engines behind one small interface.
 
-An engine looks at one object (a whole message, or one decoded MIME part) and names the
-threats it found. examine() decides what to do with a message; the engines only judge
-bytes. Engine modules are imported lazily so a daemon that uses only the builtin engine
-never loads the socket code of the others.
+An engine judges objects (the decoded MIME parts of a message, and the bytes around
+them) and names the threats it found in each. examine() decides what every engine sees
+and what to do with a message; the engines only judge bytes, all objects of one message
+in one go (one connection to a scanning daemon). Engine modules are imported lazily so a
+daemon that uses only the builtin engine never loads the socket code of the others.
 """
+
+from typing import NamedTuple
+
+
+class ScanObject(NamedTuple):
+    """One object to judge."""
+    data: object            # bytes-like: bytes, memoryview or a read-only mmap
+    fd: int | None = None   # a readable regular file holding exactly data from offset 0
+    filename: str | None = None  # the attachment's file name, if known
+    owner: object = None    # examine()'s: the MIME part a threat found here incriminates
 
 
 class EngineError(Exception):
@@ -19,19 +30,20 @@ class Engine:
 
     #: short name, used in the X-Antivirus header and the reply's Engines header
     name = "engine"
-    #: True if scan() of a whole raw RFC 5322 message decodes its MIME parts itself
-    #: (clamd does). examine() then sends a clean message once, whole; otherwise it
-    #: decodes the parts and sends each one.
-    decodes_mail = False
+    #: True if the engine is also to judge the whole raw message, besides its pieces
+    #: (for heuristics that need the mail as a whole: clamd's, if the admin asks)
+    whole_message = False
+
+    def scan_objects(self, objects, deadline=None) -> list[list[str]]:
+        """The names of the threats in each of objects (ScanObject), in order ([] =
+        clean). Raises EngineError, or deadline.TimeLimit once the deadline (a
+        time.monotonic() value, None for none) has passed: no blocking call of an
+        engine waits past it."""
+        raise NotImplementedError
 
     def scan(self, data, fd=None, filename=None) -> list[str]:
-        """Return the names of the threats in data ([] = clean); raise EngineError.
-
-        data: bytes-like (bytes, memoryview or mmap) of the object to scan.
-        fd: optional readable descriptor holding the same bytes from offset 0.
-        filename: the attachment's file name, if known.
-        """
-        raise NotImplementedError
+        """The threats in one object (see ScanObject)."""
+        return self.scan_objects([ScanObject(data, fd, filename)])[0]
 
     def ping(self) -> None:
         """Health check: return if the engine can scan now, else raise EngineError."""

@@ -12,6 +12,7 @@ import io
 import re
 
 from . import Engine, EngineError
+from ..deadline import check as check_deadline
 from ..settings import number, words
 
 # The 68-byte EICAR anti-virus test string. Found anywhere in an object (a mail body
@@ -25,6 +26,9 @@ DIGEST_NAME = "Known-Bad-SHA256"
 # not retried forever as a temporary error.
 LIMIT_NAME = "Zip-Limit-Exceeded"
 ZIP_MAGIC = b"PK\x03\x04"
+# A regular expression searches every bytes-like object (a memoryview of the message,
+# an mmap) in place; bytes.find would need a copy of a memoryview first.
+_EICAR = re.compile(re.escape(EICAR))
 RATIO_FLOOR = 1 << 20  # the ratio limit applies to members at least this big
 _DIGEST_LINE = re.compile(r"([0-9a-fA-F]{64})(?:\s+\*?(\S+))?")
 
@@ -48,32 +52,34 @@ class BuiltinEngine(Engine):
     def reload(self):
         self._digests = self._read_digests()
 
-    def scan(self, data, fd=None, filename=None):
+    def scan_objects(self, objects, deadline=None):
+        return [self._scan_one(obj.data, obj.filename, deadline) for obj in objects]
+
+    def _scan_one(self, data, filename, deadline):
+        check_deadline(deadline)
         found = []
         if filename:
             found += self._banned_name(filename)
         budget = _Budget(self._max_files, self._max_size)
         try:
-            found += self._scan_object(data, 0, budget)
+            found += self._scan_object(data, 0, budget, deadline)
         except _LimitExceeded:
             found.append(LIMIT_NAME)
         return list(dict.fromkeys(found))
 
-    def _scan_object(self, data, depth, budget):
-        # mmap has find() but its `in` tests single bytes; memoryview has neither.
-        searchable = data if hasattr(data, "find") else bytes(data)
+    def _scan_object(self, data, depth, budget, deadline):
         found = []
-        if searchable.find(EICAR) >= 0:
+        if _EICAR.search(data):
             found.append(EICAR_NAME)
         if self._digests:
             name = self._digests.get(hashlib.sha256(data).hexdigest())
             if name:
                 found.append(name)
-        if searchable[:4] == ZIP_MAGIC:
-            found += self._scan_zip(searchable, depth + 1, budget)
+        if bytes(data[:4]) == ZIP_MAGIC:
+            found += self._scan_zip(data, depth + 1, budget, deadline)
         return found
 
-    def _scan_zip(self, data, depth, budget):
+    def _scan_zip(self, data, depth, budget, deadline):
         import zipfile
         import zlib
         if depth > self._max_depth:
@@ -82,6 +88,7 @@ class BuiltinEngine(Engine):
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
                 for info in archive.infolist():
+                    check_deadline(deadline)
                     if info.is_dir():
                         continue
                     found += self._banned_name(info.filename.rsplit("/", 1)[-1])
@@ -94,7 +101,7 @@ class BuiltinEngine(Engine):
                     with archive.open(info) as member:
                         content = member.read(budget.size_left + 1)
                     budget.take_bytes(len(content))
-                    found += self._scan_object(content, depth, budget)
+                    found += self._scan_object(content, depth, budget, deadline)
         except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, ValueError):
             # Not a zip we can read (corrupt, unsupported compression): its bytes were
             # scanned as they are, and what we found in readable members stands.

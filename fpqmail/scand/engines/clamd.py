@@ -1,9 +1,10 @@
 """ClamAV's clamd, spoken with the stdlib.
 
-Over a unix socket a message is passed as a descriptor (FILDES: clamd reads the file
-itself, nothing is copied); over TCP, or for a decoded part that exists only in memory,
-it is streamed (INSTREAM). Several endpoints fail over in the order given. clamd decodes
-whole mails itself, so examine() sends it a clean message only once.
+All objects of one message go on one connection, in a session (IDSESSION ... END), one
+command after the other. Over a unix socket every object is passed as a descriptor
+(FILDES: clamd reads the file itself, and its StreamMaxLength does not apply): a
+decoded part that lives in a memfd as it is, any other object copied into one. Over
+TCP every object is streamed (INSTREAM). Several endpoints fail over in the order given.
 """
 
 import fcntl
@@ -12,8 +13,11 @@ import socket
 import stat
 import struct
 
+from fpqmail import values
+
 from . import Engine, EngineError
 from .endpoints import Endpoints
+from .. import deadline as time_limit
 from ..settings import number
 
 CHUNK = 256 * 1024
@@ -22,17 +26,22 @@ MAX_REPLY = 64 * 1024
 
 class ClamdEngine(Engine):
     name = "clamd"
-    decodes_mail = True
 
     def __init__(self, endpoints, settings):
+        whole = settings.get("FP_SCAND_CLAMD_WHOLE_MESSAGE", "").strip() or "no"
+        try:
+            self.whole_message = values.flag(whole)
+        except ValueError as e:
+            raise ValueError(f"FP_SCAND_CLAMD_WHOLE_MESSAGE={values.printable(whole, 100)!r}: {e}") from None
         self._endpoints = Endpoints(
             "clamd", endpoints,
             connect_timeout=number(settings, "FP_SCAND_CLAMD_CONNECT_TIMEOUT", 0.001, 86400, default=5.0),
             timeout=number(settings, "FP_SCAND_CLAMD_TIMEOUT", 0.001, 86400, default=60.0))
 
-    def scan(self, data, fd=None, filename=None):
-        use_fd = fd is not None and _is_readable_file(fd)
-        return self._endpoints.ask(lambda sock, unix: _scan_on(sock, unix, data, fd if use_fd else None))
+    def scan_objects(self, objects, deadline=None):
+        if not objects:
+            return []
+        return self._endpoints.ask(lambda sock, unix: _Session(sock, unix, deadline).scan(objects), deadline)
 
     def ping(self):
         self._endpoints.ask(_ping_on)
@@ -41,22 +50,85 @@ class ClamdEngine(Engine):
         pass  # clamd watches and reloads its own database
 
 
-def _scan_on(sock, unix, data, fd):
-    if unix and fd is not None:
-        sock.sendall(b"zFILDES\0")
-        socket.send_fds(sock, [b"\0"], [fd])
-    else:
-        sock.sendall(b"zINSTREAM\0")
+class _Session:
+    """One IDSESSION on a connected socket (whose every wait Endpoints bounds by the
+    engine's timeout and the request's deadline); commands in lock-step (the reply to
+    one is read before the next is sent), so that clamd never holds more than one of
+    ours."""
+
+    def __init__(self, sock, unix, deadline):
+        self._sock = sock
+        self._unix = unix
+        self._deadline = deadline
+        self._replies = b""
+
+    def scan(self, objects):
+        self.send(b"zIDSESSION\0")
+        verdicts = []
+        for number, obj in enumerate(objects, 1):
+            time_limit.check(self._deadline)
+            verdicts.append(self._one(number, obj))
+        self.send(b"zEND\0")
+        return verdicts
+
+    def _one(self, number, obj):
+        if self._unix:
+            self._fildes(obj)
+        else:
+            self.send(b"zINSTREAM\0")
+            try:
+                with memoryview(obj.data) as view:
+                    for pos in range(0, len(view), CHUNK):
+                        with view[pos:pos + CHUNK] as chunk:
+                            self.send(struct.pack(">I", len(chunk)))
+                            self.send(chunk)
+                self.send(struct.pack(">I", 0))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # clamd stopped reading (size limit): its reply says why
+        tag, _, reply = self.reply().partition(": ")
+        if tag != str(number):
+            raise EngineError(f"reply to command {number} in a session: {tag}: {reply}"[:300])
+        return parse_verdict(reply)
+
+    def _fildes(self, obj):
+        """FILDES with the object's own file, else with a memfd holding a copy (clamd
+        reads a file whatever its size; a stream meets its StreamMaxLength)."""
+        if obj.fd is not None and _is_readable_file(obj.fd):
+            self.send(b"zFILDES\0")
+            socket.send_fds(self._sock, [b"\0"], [obj.fd])
+            return
+        fd = os.memfd_create("fpqmail-clamd", os.MFD_CLOEXEC)
         try:
-            with memoryview(data) as view:
+            with memoryview(obj.data) as view:
                 for pos in range(0, len(view), CHUNK):
+                    time_limit.check(self._deadline)
                     with view[pos:pos + CHUNK] as chunk:
-                        sock.sendall(struct.pack(">I", len(chunk)))
-                        sock.sendall(chunk)
-            sock.sendall(struct.pack(">I", 0))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # clamd stopped reading (size limit): its reply says why
-    return parse_verdict(_read_reply(sock))
+                        while len(chunk):
+                            chunk = chunk[os.write(fd, chunk):]
+            self.send(b"zFILDES\0")
+            socket.send_fds(self._sock, [b"\0"], [fd])
+        finally:
+            os.close(fd)
+
+    def send(self, data):
+        self._sock.sendall(data)
+
+    def reply(self):
+        """The next \\0-terminated reply (or whatever came before clamd closed)."""
+        while b"\0" not in self._replies:
+            try:
+                more = self._sock.recv(4096)
+            except ConnectionResetError:
+                more = b""
+            if not more:
+                if not self._replies:
+                    raise EngineError("connection closed without a reply")
+                break
+            self._replies += more
+            if len(self._replies) > MAX_REPLY:
+                raise EngineError("reply too long")
+        reply, _, self._replies = self._replies.partition(b"\0")
+        return reply.decode("ascii", "replace").strip()
 
 
 def parse_verdict(reply):
@@ -72,28 +144,11 @@ def parse_verdict(reply):
 
 
 def _ping_on(sock, unix):
-    sock.sendall(b"zPING\0")
-    reply = _read_reply(sock)
+    session = _Session(sock, unix, None)
+    session.send(b"zPING\0")
+    reply = session.reply()
     if reply != "PONG":
         raise EngineError(f"PING answered {reply!r}")
-
-
-def _read_reply(sock):
-    """One \\0-terminated reply (or whatever came before clamd closed)."""
-    data = b""
-    while not data.endswith(b"\0"):
-        try:
-            more = sock.recv(4096)
-        except ConnectionResetError:
-            more = b""
-        if not more:
-            if not data:
-                raise EngineError("connection closed without a reply")
-            break
-        data += more
-        if len(data) > MAX_REPLY:
-            raise EngineError("reply too long")
-    return data.rstrip(b"\0").decode("ascii", "replace").strip()
 
 
 def _is_readable_file(fd):

@@ -6,13 +6,15 @@ line per scanned object, `<code> <<text>> <object>`, archive members as
 The code is a bit field: 1 infected, 2 suspicious, 4 interrupted, 8 skipped by a scan
 restriction, 16 I/O error, 32 engine error, 64 not scanned but clean, 128 disinfected.
 F-PROT's own documentation calls its MIME support minimal and asks clients to decode
-attachments themselves, so examine() sends fpscand decoded parts, one stream each.
+attachments themselves, so examine() sends fpscand decoded parts, one stream each, all
+of one message on one connection.
 """
 
 import re
 
 from . import Engine, EngineError
 from .endpoints import Endpoints
+from .. import deadline as time_limit
 from ..settings import number
 
 INFECTED = 1 | 2
@@ -27,7 +29,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 class FpscandEngine(Engine):
     name = "fpscand"
-    decodes_mail = False
 
     def __init__(self, endpoints, settings):
         self._endpoints = Endpoints(
@@ -36,41 +37,54 @@ class FpscandEngine(Engine):
             timeout=number(settings, "FP_SCAND_FPSCAND_TIMEOUT", 0.001, 86400, default=60.0))
         self._max_size = number(settings, "FP_SCAND_FPSCAND_MAX_SIZE", 1, 1 << 40, int, default=10 << 20)
 
-    def scan(self, data, fd=None, filename=None):
-        size = len(data)
-        if size > self._max_size:
-            raise EngineError(f"fpscand: object of {size} bytes is over FP_SCAND_FPSCAND_MAX_SIZE ({self._max_size})")
+    def scan_objects(self, objects, deadline=None):
+        for obj in objects:
+            size = len(obj.data)
+            if size > self._max_size:
+                raise EngineError(f"fpscand: object of {size} bytes is over FP_SCAND_FPSCAND_MAX_SIZE ({self._max_size})")
+        if not objects:
+            return []
         # The object name is echoed back and ends at white space: keep it a safe word.
-        name = _UNSAFE.sub("_", filename)[:100] if filename else "message"
-        return self._endpoints.ask(lambda sock, unix: _scan_on(sock, data, name))
+        streams = [(obj.data, _UNSAFE.sub("_", obj.filename)[:100] if obj.filename else "message") for obj in objects]
+        return self._endpoints.ask(lambda sock, unix: _session(sock, streams, deadline), deadline)
 
     def ping(self):
         # fpscand has no PING: scanning an empty stream is the cheapest full round trip.
-        self._endpoints.ask(lambda sock, unix: _scan_on(sock, b"", "ping"))
+        self._endpoints.ask(lambda sock, unix: _session(sock, [(b"", "ping")], None))
 
     def reload(self):
         pass  # fpscand reloads its own signature files
 
 
-def _scan_on(sock, data, name):
-    sock.sendall(f"SCAN STREAM {name} SIZE {len(data)}\n".encode("ascii"))
-    sock.sendall(data)
-    lines = []
+def _session(sock, streams, deadline):
+    """SCAN STREAM for each (data, name) in turn on one connection, then QUIT (every
+    wait on sock is bounded by Endpoints: the engine's timeout and the deadline)."""
+    verdicts = []
     with sock.makefile("rb") as replies:
-        while True:
-            line = replies.readline(MAX_LINE + 1)
-            if not line.endswith(b"\n"):
-                raise EngineError("connection closed in a reply" if len(line) <= MAX_LINE else "reply line too long")
-            lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
-            if _result(lines[-1], name).group(3) == name:
-                break  # the line for the stream itself comes last
-            if len(lines) > MAX_LINES:
-                raise EngineError("too many reply lines")
+        for data, name in streams:
+            time_limit.check(deadline)
+            sock.sendall(f"SCAN STREAM {name} SIZE {len(data)}\n".encode("ascii"))
+            sock.sendall(data)
+            verdicts.append(parse_reply(_result_lines(replies, name), name))
     try:
         sock.sendall(b"QUIT\n")
     except OSError:
-        pass  # the verdict is in; a session that ends badly does not change it
-    return parse_reply(lines, name)
+        pass  # the verdicts are in; a session that ends badly does not change them
+    return verdicts
+
+
+def _result_lines(replies, name):
+    """The result lines for stream `name`, up to the one for the stream itself."""
+    lines = []
+    while True:
+        line = replies.readline(MAX_LINE + 1)
+        if not line.endswith(b"\n"):
+            raise EngineError("connection closed in a reply" if len(line) <= MAX_LINE else "reply line too long")
+        lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
+        if _result(lines[-1], name).group(3) == name:
+            return lines  # the line for the stream itself comes last
+        if len(lines) > MAX_LINES:
+            raise EngineError("too many reply lines")
 
 
 def parse_reply(lines, name):
