@@ -51,9 +51,10 @@ fuzz: deps
 
 # ---- install, uninstall, Debian package (docs/install.md) --------------------------
 # make install [DESTDIR=] [PREFIX=/usr/local] [QMAILDIR=/var/qmail], as root after make build:
-# the files under PREFIX, /etc/f-prot.conf if absent, the daemon's user and directories,
-# then fp-qmail in place of qmail-queue (packaging/install-qmail-queue, which refuses
-# with nothing changed when qmail's tree is not as expected).
+# the files under PREFIX, /etc/f-prot.conf if absent, the daemon's user and its directory,
+# then fp-qmail in place of qmail-queue and /etc/fp-qmail/trusted-uids
+# (packaging/install-qmail-queue, which refuses with nothing changed when qmail's tree is
+# not as expected).
 PREFIX ?= /usr/local
 QMAILDIR ?= /var/qmail
 UNITDIR ?= $(PREFIX)/lib/systemd/system
@@ -70,13 +71,13 @@ install:
 	$(INSTALL_ENV) packaging/install-files
 	id -u $(SCAND_USER) >/dev/null 2>&1 || useradd --system --user-group --no-create-home \
 	  --home-dir /var/lib/fp-qmail --shell /usr/sbin/nologin $(SCAND_USER)
-	install -d -o $(QMAILQ_USER) -g $(SCAND_USER) -m 2770 "$(DESTDIR)/var/spool/fp-qmail"
 	install -d -o $(SCAND_USER) -g $(SCAND_USER) -m 750 "$(DESTDIR)/var/lib/fp-qmail"
 	test -e "$(DESTDIR)/etc/f-prot.conf" || install -D -m 644 packaging/f-prot.conf "$(DESTDIR)/etc/f-prot.conf"
 	$(INSTALL_ENV) packaging/install-qmail-queue install "$(DESTDIR)$(LIBDIR)/standalone/fp-qmail"
 
-# Puts qmail's qmail-queue back first; keeps /etc/f-prot.conf if changed, the quarantine
-# (/var/lib/fp-qmail), the spool directory and the daemon's user.
+# Puts qmail's qmail-queue back first (its owner and mode too) and removes
+# /etc/fp-qmail/trusted-uids; keeps /etc/f-prot.conf if changed, the quarantine
+# (/var/lib/fp-qmail) and the daemon's user.
 uninstall:
 	$(INSTALL_ENV) packaging/install-qmail-queue uninstall
 	rm -rf "$(DESTDIR)$(LIBDIR)" "$(DESTDIR)$(PREFIX)/share/fp-qmail"

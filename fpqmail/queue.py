@@ -8,21 +8,24 @@ qmail-queue's contract:
   fd 6  optional, open for writing: one custom SMTP error text, then exit 82
   exit  qmail-queue's codes (the table below)
 
-It copies the message to <tmpdir>/fi<pid>.<random>, creates <tmpdir>/fo<pid>.<random>,
-asks the Mail Scanner (docs/protocol.md) to scan the one into the other, removes both
-names and execs qmail-queue.orig with fo on fd 0 and the envelope, exactly as
-received, on fd 1. Exit 0 happens only there (qmail-queue.orig's own exit) or when
-the policy deliberately drops an infected message.
+It copies the message to a temp file fi, creates an empty fo, asks the Mail Scanner
+(docs/protocol.md) to scan the one into the other and execs qmail-queue.orig with fo on
+fd 0 and the envelope, exactly as received, on fd 1. On a unix socket (the default) fi
+and fo are nameless (O_TMPFILE) and travel as descriptors; over TCP they are named
+<tmpdir>/fi<pid>.<random> and fo<pid>.<random>, removed before the exec and on every
+failure. Exit 0 happens only at qmail-queue.orig's own exit or when the policy
+deliberately drops an infected message.
 
-It is installed setuid qmailq: every input, the environment included, is hostile.
-It is started for every message: it imports only modules built into the interpreter
-(posix, not os), and the config-file parser only when it must read the file.
+It is installed setuid qmailq: every input, the environment included, is hostile. Only a
+trusted caller (docs: fp-qmail(8), "Trusted callers") may set anything through the
+environment. It is started for every message: it imports only modules built into the
+interpreter (posix, not os), and the config-file parser only when it must read the file.
 """
-import _signal
 import _socket
 import errno
 import fcntl
 import posix
+import sys
 import syslog
 import time
 
@@ -30,33 +33,50 @@ from fpqmail import envelope as qmail_envelope
 from fpqmail import values
 from fpqmail.values import printable
 
-# Exit codes (qmail-queue's, ../shared/reference/qmail-queue.md). Every failure path
-# below raises Fail with exactly one of these names.
-ADDRESS_TOO_LONG = 11   # an envelope address of 1003 bytes or more
-VIRUS_REJECTED = 31     # infected, policy reject (or not cleanable), fd 6 not open
-OUT_OF_MEMORY = 51      # also: an envelope larger than ENVELOPE_MAX
-TIMED_OUT = 52          # our own 24-hour alarm, as qmail-queue's
-WRITE_FAILED = 53       # creating or writing the temp files: disk full, read-only...
-READ_FAILED = 54        # reading the message or the envelope; envelope ended early
-CONFIG_FAILED = 55      # config file unreadable; a setting that cannot be parsed
-SCANNER_FAILED = 71     # the scanner answered ERROR
-INTERRUPTED = 71        # SIGTERM, SIGHUP or SIGINT while working
-EXEC_FAILED = 71        # qmail-queue.orig could not be executed
-SCANNER_TIMED_OUT = 72  # connecting or waiting for the reply took too long
-SCANNER_REFUSED = 73    # no scanner endpoint accepted the connection
-SCANNER_GARBLED = 74    # a reply that breaks docs/protocol.md; fo not as announced
-INTERNAL = 81           # a bug of ours: logged with the exception
-CUSTOM_TEXT = 82        # the text on fd 6 says permanent (D) or temporary (Z)
-ENVELOPE_FORMAT = 91    # envelope not F... T... as qmail-queue demands
+# CPython's standard start (python -m fpqmail, a stock Nuitka binary) imports _signal and
+# ignores SIGPIPE and SIGXFSZ before any code of ours runs: the caller's dispositions of
+# those two are lost then. A core-only start leaves every disposition as the caller gave it.
+STANDARD_START = "_signal" in sys.modules
+# Last: importing _signal gives SIGINT CPython's KeyboardInterrupt until main() takes it
+# over, and a KeyboardInterrupt in the middle of an import is what the binary's start-up
+# handles worst. Until here SIGINT keeps the caller's disposition.
+import _signal  # noqa: E402
 
-ENVELOPE_MAX = 64 << 20
+# Exit codes (qmail-queue's, see README.md). Every failure path below raises Fail with
+# exactly one of these names.
+ADDRESS_TOO_LONG = 11     # an envelope address of 1003 bytes or more
+REJECTED = 31             # infected and rejected by policy, or REFUSED by the scanner; fd 6 not open
+OUT_OF_MEMORY = 51        # also: an envelope larger than ENVELOPE_MAX
+TIMED_OUT = 52            # our own 24-hour alarm, as qmail-queue's
+WRITE_FAILED = 53         # creating or writing the temp files: disk full, read-only, no O_TMPFILE...
+READ_FAILED = 54          # reading the message or the envelope; envelope ended early
+CONFIG_FAILED = 55        # config file unreadable; a setting that cannot be parsed or used
+SCANNER_FAILED = 71       # the scanner answered ERROR
+DEFERRED = 71             # the scanner DEFERRED the message; fd 6 not open
+INTERRUPTED = 71          # a signal while working
+EXEC_FAILED = 71          # qmail-queue.orig could not be executed
+SCANNER_TIMED_OUT = 72    # connecting or waiting for the reply took too long
+SCANNER_UNREACHABLE = 73  # no scanner endpoint accepted the connection
+SCANNER_GARBLED = 74      # a reply that breaks docs/protocol.md; fo not as announced
+INTERNAL = 81             # a bug of ours: logged with the exception
+CUSTOM_TEXT = 82          # the text on fd 6 says permanent (D) or temporary (Z)
+ENVELOPE_FORMAT = 91      # envelope not F... T... as qmail-queue demands
+
+ENVELOPE_MAX = 16 << 20
 REPLY_MAX = 64 << 10
 CHUNK = 1 << 20
+REJECT_TEXT_MIN = 3       # qmail answers a shorter custom text with a temporary error
+CLIENT_HEADER_MAX = 255   # Client-IP, Client-Host: longer values are not sent
+FD_MAX = (1 << 31) - 1    # above any descriptor a process can hold, whatever its limits
+# The uids whose environment fp-qmail trusts when it runs setuid (besides root). Fixed
+# here, at build time: nothing a caller sets can name another file.
+TRUSTED_UIDS = "/etc/fp-qmail/trusted-uids"
+TRUSTED_UIDS_MAX = 64 << 10
 
 DEFAULTS = {
     "FP_QMAIL_LOGLEVEL": "4",
     "FP_QMAIL_CONF": "/etc/f-prot.conf",
-    "FP_QMAIL_SCANNER": "127.0.0.1:11200",
+    "FP_QMAIL_SCANNER": "/run/fpqmail-scand/scand.sock",
     "FP_QMAIL_CONNECT_TIMEOUT": "5",
     "FP_QMAIL_TIMEOUT": "120",
     "FP_QMAIL_TMPDIR": "/tmp",
@@ -67,10 +87,10 @@ DEFAULTS = {
     "FP_QMAIL_REJECT_TEXT": "This message contains a virus ({threats}) and was rejected (#5.7.1)",
     "FP_QMAIL_LOG_STDERR": "no",
 }
-# Settings naming a file or a program: under setuid the caller's environment must not
-# choose them, or it could make us run or write something of theirs as qmailq.
+# Settings naming a file or a program: under setuid even a trusted caller's environment
+# must not choose them, or a compromised qmail-smtpd could make us run or write
+# something of its own as qmailq.
 PATH_SETTINGS = ("FP_QMAIL_CONF", "FP_QMAIL_TMPDIR", "FP_QMAIL_QUEUE")
-HANDLED_SIGNALS = (_signal.SIGTERM, _signal.SIGHUP, _signal.SIGINT, _signal.SIGALRM)
 
 
 class Fail(Exception):
@@ -102,24 +122,116 @@ def log(priority, text):
     syslog.syslog(priority, text)
 
 
-# ---- signals: any of them while working means remove the temp files, exit -------
+# ---- signals ------------------------------------------------------------------------
+# The interpreter may have set no disposition at all (a core-only start): fp-qmail sets
+# every one it relies on first thing, and gives the caller's back just before the exec,
+# so that qmail-queue.orig starts as it would have without us.
+
+# What would kill fp-qmail and may come from outside: the handler removes the temp files
+# and exits with a temporary failure.
+HANDLED_SIGNALS = (_signal.SIGHUP, _signal.SIGINT, _signal.SIGQUIT, _signal.SIGABRT, _signal.SIGUSR1,
+                   _signal.SIGUSR2, _signal.SIGALRM, _signal.SIGTERM, _signal.SIGSTKFLT, _signal.SIGXCPU,
+                   _signal.SIGVTALRM, _signal.SIGPROF, _signal.SIGIO, _signal.SIGPWR)
+# A write then fails with EPIPE or EFBIG instead, which names the cause.
+IGNORED_SIGNALS = (_signal.SIGPIPE, _signal.SIGXFSZ)
+# Faults the CPU raises for an instruction of ours: a handler could not resume them.
+# Blocked, a real fault still kills at once (the kernel forces its default action),
+# while the same signal sent with kill(2) waits; so do the realtime signals. What waits
+# is delivered when the caller's mask comes back just before the exec, once the names
+# are gone: the process dies of it, which qmail's callers take as a temporary failure.
+BLOCKED_SIGNALS = {_signal.SIGILL, _signal.SIGTRAP, _signal.SIGBUS, _signal.SIGFPE, _signal.SIGSEGV,
+                   _signal.SIGSYS, *range(_signal.SIGRTMIN, _signal.SIGRTMAX + 1)}
+# Signals whose default action neither kills nor leaves anything (SIGCHLD, SIGWINCH,
+# SIGURG, SIGCONT, the stop signals) keep the caller's disposition throughout.
 
 dying = False
-alarm_code = TIMED_OUT
+alarm_code = TIMED_OUT  # what our own alarm means now
+alarm_due = 0.0         # when it rings (time.monotonic()); a SIGALRM before that was sent by someone
+
+
+def set_alarm(seconds, code):
+    global alarm_code, alarm_due
+    alarm_code, alarm_due = code, time.monotonic() + seconds
+    _signal.alarm(seconds)
+
+
+def take_signals():
+    """Set the dispositions fp-qmail relies on; return the caller's: [(signal, SIG_DFL or
+    SIG_IGN)] and its signal mask, for hand_over to put back."""
+    given = []
+    for signum in HANDLED_SIGNALS + IGNORED_SIGNALS:
+        current = _signal.getsignal(signum)  # as the interpreter found it (SIGINT: its own handler)
+        ignored = current == _signal.SIG_IGN and not (STANDARD_START and signum in IGNORED_SIGNALS)
+        given.append((signum, _signal.SIG_IGN if ignored else _signal.SIG_DFL))
+        if signum in IGNORED_SIGNALS:
+            if current != _signal.SIG_IGN:
+                _signal.signal(signum, _signal.SIG_IGN)
+        elif not ignored or signum == _signal.SIGALRM:
+            # What the caller ignores stays ignored: it would not have stopped qmail-queue
+            # either. SIGALRM is our own timer.
+            _signal.signal(signum, on_signal)
+    mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, BLOCKED_SIGNALS)
+    return given, mask
 
 
 def on_signal(signum, frame):
+    """Raise the failure the signal means, once: the clean-up is never interrupted."""
+    global dying
     if dying:
         return
-    if signum == _signal.SIGALRM:
-        raise Fail(alarm_code, "timed out (alarm)", scanner=alarm_code == SCANNER_TIMED_OUT)
+    ours = signum == _signal.SIGALRM and time.monotonic() >= alarm_due - 0.1
+    if ours and alarm_code == SCANNER_TIMED_OUT:  # scanner trouble, which FP_QMAIL_ON_ERROR may pass
+        raise Fail(SCANNER_TIMED_OUT, "scanner: timed out (alarm)", scanner=True)
+    dying = True
+    if ours:
+        raise Fail(TIMED_OUT, "timed out (alarm)")
+    # A SIGALRM sent by the caller is not our timer: never scanner trouble.
     raise Fail(INTERRUPTED, "interrupted by signal %d" % signum)
 
 
-# ---- settings: the environment; /etc/f-prot.conf only if FP_QMAIL_LOGLEVEL is unset
+# ---- settings ----------------------------------------------------------------------------
 
-def load_settings(setuid):
-    environ = posix.environ
+def caller_trusted(setuid, ruid, notes):
+    """Whether the environment of whoever ran us counts: when we are not setuid, when the
+    real uid is root's, or when it is listed in TRUSTED_UIDS (a root-owned file only
+    root may write; anything else is ignored with a note for the log)."""
+    if not setuid or ruid == 0:
+        return True
+    try:
+        fd = posix.open(TRUSTED_UIDS, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_NONBLOCK | posix.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        notes.append("%s ignored: %s" % (TRUSTED_UIDS, e.strerror))
+        return False
+    try:
+        info = posix.fstat(fd)
+        if info.st_mode & 0o170000 != 0o100000 or info.st_uid != 0 or info.st_mode & 0o022:
+            notes.append("%s ignored: it must be a regular file owned by root that only root may write"
+                         % TRUSTED_UIDS)
+            return False
+        data = posix.read(fd, TRUSTED_UIDS_MAX + 1)
+    except OSError as e:
+        notes.append("%s ignored: %s" % (TRUSTED_UIDS, e.strerror))
+        return False
+    finally:
+        posix.close(fd)
+    if len(data) > TRUSTED_UIDS_MAX:
+        notes.append("%s ignored: larger than %d bytes" % (TRUSTED_UIDS, TRUSTED_UIDS_MAX))
+        return False
+    trusted = False
+    for line in data.split(b"\n"):
+        for word in line.partition(b"#")[0].split():
+            if not word.isdigit() or len(word) > 10:
+                notes.append("%s: %r is not a uid, skipped" % (TRUSTED_UIDS, printable(word, 40)))
+            elif int(word) == ruid:
+                trusted = True
+    return trusted
+
+
+def load_settings(environ, setuid):
+    """The settings from `environ` (a trusted caller's environment, else nothing), and
+    /etc/f-prot.conf unless environ has FP_QMAIL_LOGLEVEL; environ wins key by key."""
     from_file = {}
     problems = ()
     if b"FP_QMAIL_LOGLEVEL" not in environ:
@@ -143,7 +255,13 @@ def load_settings(setuid):
 
 
 def read_config(path):
-    from fpqmail import shconf
+    # The parser is imported only when the file must be read. No signal lands in the
+    # middle of that import: it waits, and raises its Fail when the import is done.
+    mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
+        from fpqmail import shconf
+    finally:
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
     try:
         found, problems = shconf.read(path)
     except FileNotFoundError:
@@ -170,7 +288,44 @@ def choice(value, allowed):
     return value
 
 
-# ---- the temp files ---------------------------------------------------------------
+def reject_text(value):
+    """The SMTP text of a reject, on one line."""
+    text = value.replace("\r", "").replace("\n", "")
+    if len(text) < REJECT_TEXT_MIN:
+        raise ValueError("needs at least %d characters: qmail answers a shorter text with a "
+                         "temporary error" % REJECT_TEXT_MIN)
+    return text
+
+
+# ---- the temp files ---------------------------------------------------------------------
+
+def nameless_file(tmpdir):
+    """A file with no name (O_TMPFILE): nothing to guess, nothing left behind."""
+    try:
+        return posix.open(tmpdir, posix.O_TMPFILE | posix.O_RDWR, 0o600)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EISDIR):
+            raise Fail(WRITE_FAILED, "cannot create a nameless temp file in %s: its file system does "
+                                     "not support O_TMPFILE" % tmpdir)
+        raise Fail(WRITE_FAILED, "cannot create a temp file in %s: %s" % (tmpdir, e.strerror))
+
+
+def group_access_allowed(tmpdir, setuid, ruid):
+    """FP_QMAIL_GROUP_ACCESS=yes opens the named files to a group: only to the group of a
+    setgid temp directory (which its owner chose: the files take it), never to the
+    caller's own groups."""
+    try:
+        info = posix.stat(tmpdir)
+    except OSError as e:
+        raise Fail(WRITE_FAILED, "cannot create a temp file in %s: %s" % (tmpdir, e.strerror))
+    if not info.st_mode & 0o2000:
+        raise Fail(CONFIG_FAILED, "FP_QMAIL_GROUP_ACCESS=yes needs a setgid temp directory, whose group "
+                                  "the files take: %s is not setgid" % tmpdir)
+    if setuid and ruid != 0 and (info.st_gid == posix.getgid() or info.st_gid in posix.getgroups()):
+        raise Fail(CONFIG_FAILED, "FP_QMAIL_GROUP_ACCESS=yes: the group of %s (gid %d) is one of the "
+                                  "caller's own" % (tmpdir, info.st_gid))
+    return True
+
 
 def create_spool(tmpdir, group_access, names):
     """Create fi and fo with fresh unpredictable names; a name that exists, whatever
@@ -182,7 +337,7 @@ def create_spool(tmpdir, group_access, names):
         fi = "%s/fi%s" % (tmpdir, suffix)
         fo = "%s/fo%s" % (tmpdir, suffix)
         # A signal between creating a file and recording its name would leave it behind.
-        _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED_SIGNALS)
+        mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
             try:
                 fi_fd = posix.open(fi, flags, 0o600)
@@ -200,8 +355,8 @@ def create_spool(tmpdir, group_access, names):
         except OSError as e:
             raise Fail(WRITE_FAILED, "cannot create a temp file in %s: %s" % (tmpdir, e.strerror))
         finally:
-            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-        if group_access:  # so a scanner in the files' group can read fi and write fo
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+        if group_access:  # so a scanner in the directory's group can read fi and write fo
             posix.fchmod(fi_fd, 0o640)
             posix.fchmod(fo_fd, 0o660)
         return fi, fi_fd, fo, fo_fd
@@ -287,16 +442,30 @@ def check_envelope(data):
 
 # ---- the Mail Scanner (docs/protocol.md) ----------------------------------------------
 
-def ask_scanner(endpoints, connect_timeout, deadline, request):
+def client_headers(environ):
+    """Client-IP and Client-Host from qmail-smtpd's environment (a trusted caller's only):
+    values of printable ASCII without spaces, at most CLIENT_HEADER_MAX bytes."""
+    out = b""
+    for header, variable in ((b"Client-IP", b"TCPREMOTEIP"), (b"Client-Host", b"TCPREMOTEHOST")):
+        value = environ.get(variable, b"")
+        if 0 < len(value) <= CLIENT_HEADER_MAX and all(0x21 <= c <= 0x7e for c in value):
+            out += b"%s: %s\n" % (header, value)
+    return out
+
+
+def ask_scanner(endpoints, connect_timeout, deadline, request, fds):
     """Send the request to the first endpoint that accepts a connection; return the
-    raw reply. Only a failed connect moves on to the next endpoint: once a scanner
-    has the request it may be writing fo, so there is no second try."""
+    raw reply. request(family) gives the bytes for that kind of endpoint; on a unix
+    socket the descriptors `fds` (In, Out) go with its first byte. Only a failed connect
+    moves on to the next endpoint: once a scanner has the request it may be writing fo,
+    so there is no second try."""
     failure = None
     for family, address, name in endpoints:
         try:  # fails for an IPv6 endpoint on a host without IPv6, or out of descriptors
             sock = _socket.socket(family, _socket.SOCK_STREAM)
         except OSError as e:
-            failure = Fail(SCANNER_REFUSED, "scanner %s: cannot make a socket: %s" % (name, e.strerror or e), True)
+            failure = Fail(SCANNER_UNREACHABLE, "scanner %s: cannot make a socket: %s" % (name, e.strerror or e),
+                           True)
             continue
         try:
             sock.settimeout(max(0.001, min(connect_timeout, deadline - time.monotonic())))
@@ -305,13 +474,19 @@ def ask_scanner(endpoints, connect_timeout, deadline, request):
         except TimeoutError:
             failure = Fail(SCANNER_TIMED_OUT, "scanner %s: connect timed out" % name, True)
         except OSError as e:
-            failure = Fail(SCANNER_REFUSED, "scanner %s: %s" % (name, e.strerror or e), True)
+            failure = Fail(SCANNER_UNREACHABLE, "scanner %s: %s" % (name, e.strerror or e), True)
         sock.close()
     else:
         raise failure
     try:
         sock.settimeout(max(0.001, deadline - time.monotonic()))
-        sock.sendall(request)
+        data = request(family)
+        if family == _socket.AF_UNIX:
+            rights = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)  # an array of C ints
+            sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+            data = memoryview(data)[sent:]
+        if data:  # (an empty send to a scanner that already answered and closed fails)
+            sock.sendall(data)
         reply = b""
         while b"\n\n" not in reply:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
@@ -331,7 +506,7 @@ def ask_scanner(endpoints, connect_timeout, deadline, request):
 
 
 STATUSES = {"CLEAN": ("size",), "CLEANED": ("size", "threat"), "INFECTED": ("threat",),
-            "ERROR": ("reason",)}
+            "REFUSED": ("reason",), "DEFERRED": ("reason",), "ERROR": ("reason",)}
 
 
 def parse_reply(reply):
@@ -392,6 +567,9 @@ def refuse(fd6, code, kind, text):
     return CUSTOM_TEXT
 
 
+SCANNER_TROUBLE_TEXT = "message could not be scanned for viruses, try again later (#4.3.0)"
+
+
 # ---- the message's way through, top to bottom -------------------------------------------
 
 spool = []  # the temp file names that exist now: removed whatever happens
@@ -399,11 +577,9 @@ summary = {"sender": "?", "rcpts": "?", "size": "?", "threats": "-"}
 
 
 def main():
-    global dying
     summary["started"] = time.monotonic()
-    for signum in HANDLED_SIGNALS:
-        _signal.signal(signum, on_signal)
-    _signal.alarm(86400)
+    caller_signals = take_signals()
+    set_alarm(86400, TIMED_OUT)
     posix.umask(0o077)
     # The caller may have closed 0, 1 or 2: our files must never take those numbers.
     # /dev/null write-only in their place makes reading 0 or 1 fail, as it should.
@@ -414,47 +590,67 @@ def main():
             posix.dup2(posix.open("/dev/null", posix.O_WRONLY), fd)
     fd6 = fd6_writable()  # before we open anything that could become fd 6
     try:
-        code, verdict = scan_and_queue(fd6)
-    except BaseException as e:
-        dying = True  # first: from here on no signal may interrupt the clean-up
-        code, verdict = failure(e, fd6), "failed"
-    dying = True
+        code, verdict, reason = attempt(fd6, caller_signals)
+    except BaseException as e:  # a signal that landed as attempt() began to handle a failure
+        code, reason = failure(e, fd6)
+        verdict = "failed"
     remove_names(spool)
-    log_summary(verdict, "exit %d" % code)
+    log_summary(verdict, "exit %d" % code, reason)
     posix._exit(code)
 
 
-def log_summary(verdict, outcome):
-    """The one line per message at info level."""
-    log(syslog.LOG_INFO, "sender=<%s> rcpts=%s size=%s verdict=%s threats=%s %s ms=%d" % (
-        summary["sender"], summary["rcpts"], summary["size"], verdict, summary["threats"],
-        outcome, (time.monotonic() - summary["started"]) * 1000))
+def attempt(fd6, caller_signals):
+    """(exit code, verdict, reason) of a message refused, dropped or failed; a delivered
+    one never comes back. Once it returns, no signal interrupts: the clean-up runs."""
+    global dying
+    try:
+        outcome = scan_and_queue(fd6, caller_signals)
+        dying = True
+        return outcome
+    except BaseException as e:
+        dying = True
+        code, reason = failure(e, fd6)
+        return code, "failed", reason
+
+
+VERDICT_PRIORITY = {"failed": syslog.LOG_ERR, "dropped": syslog.LOG_WARNING, "unscanned": syslog.LOG_WARNING}
+
+
+def log_summary(verdict, outcome, reason=None):
+    """The one line per message: info for the usual, warning for what lets mail through
+    unscanned or drops it, err for a failure (with its cause)."""
+    log(VERDICT_PRIORITY.get(verdict, syslog.LOG_INFO),
+        "sender=<%s> rcpts=%s size=%s verdict=%s threats=%s %s ms=%d%s" % (
+            summary["sender"], summary["rcpts"], summary["size"], verdict, summary["threats"], outcome,
+            (time.monotonic() - summary["started"]) * 1000, ": " + reason if reason else ""))
 
 
 def failure(e, fd6):
-    """The exit code for what went wrong, logged with its cause."""
+    """(exit code, cause) for what went wrong."""
     if isinstance(e, Fail):
-        log(syslog.LOG_ERR, "%s (exit %d)" % (e.reason, e.code))
         if e.scanner:
-            return refuse(fd6, e.code, b"Z", "message could not be scanned for viruses, try again later (#4.3.0)")
-        return e.code
+            return refuse(fd6, e.code, b"Z", SCANNER_TROUBLE_TEXT), e.reason
+        return e.code, e.reason
     if isinstance(e, MemoryError):
-        log(syslog.LOG_ERR, "out of memory (exit %d)" % OUT_OF_MEMORY)
-        return OUT_OF_MEMORY
-    log(syslog.LOG_ERR, "internal error: %s: %s (exit %d)" % (type(e).__name__, printable(str(e), 200), INTERNAL))
-    return INTERNAL
+        return OUT_OF_MEMORY, "out of memory"
+    return INTERNAL, "internal error: %s: %s" % (type(e).__name__, printable(str(e), 200))
 
 
-def scan_and_queue(fd6):
-    """Returns (exit code, verdict) when the message is refused or dropped; on delivery
-    it never returns: qmail-queue.orig replaces this process."""
-    global loglevel, log_stderr, alarm_code
-    setuid = posix.getuid() != posix.geteuid() or posix.getgid() != posix.getegid()
+def scan_and_queue(fd6, caller_signals):
+    """Returns (exit code, verdict, reason) when the message is refused or dropped; on
+    delivery it never returns: qmail-queue.orig replaces this process."""
+    global loglevel, log_stderr
+    ruid = posix.getuid()
+    setuid = ruid != posix.geteuid() or posix.getgid() != posix.getegid()
+    notes = []  # what to warn about once the log level is known
+    environ = posix.environ if caller_trusted(setuid, ruid, notes) else {}
     # Until the settings are read, a failure to read them is logged as the environment says.
-    log_stderr = posix.environ.get(b"FP_QMAIL_LOG_STDERR", b"").decode("latin-1") in values.TRUE_WORDS
-    settings, problems = load_settings(setuid)
+    log_stderr = environ.get(b"FP_QMAIL_LOG_STDERR", b"").decode("latin-1") in values.TRUE_WORDS
+    settings, problems = load_settings(environ, setuid)
     log_stderr = setting(settings, "FP_QMAIL_LOG_STDERR", values.flag)
     loglevel = setting(settings, "FP_QMAIL_LOGLEVEL", values.number, 0, 7, int)
+    for note in notes:
+        log(syslog.LOG_WARNING, note)
     for path, line, problem in problems:
         log(syslog.LOG_WARNING, "%s line %d skipped: %s" % (path, line, printable(problem, 200)))
     endpoints = setting(settings, "FP_QMAIL_SCANNER", values.endpoints)
@@ -465,10 +661,19 @@ def scan_and_queue(fd6):
     queue = setting(settings, "FP_QMAIL_QUEUE", values.absolute_path)
     on_virus = setting(settings, "FP_QMAIL_ON_VIRUS", choice, ("deliver", "reject", "drop"))
     on_error = setting(settings, "FP_QMAIL_ON_ERROR", choice, ("tempfail", "pass"))
-    reject_text = settings["FP_QMAIL_REJECT_TEXT"]
+    text = setting(settings, "FP_QMAIL_REJECT_TEXT", reject_text)
 
-    # 1. The message, then the envelope: qmail's callers write them in that order.
-    fi, fi_fd, fo, fo_fd = create_spool(tmpdir, group_access, spool)
+    # 1. The message, then the envelope: qmail's callers write them in that order. A
+    # unix-socket scanner gets the files as descriptors: they need no name. Over TCP the
+    # request must name them.
+    if any(family != _socket.AF_UNIX for family, _, _ in endpoints):
+        if group_access:
+            group_access_allowed(tmpdir, setuid, ruid)
+        fi, fi_fd, fo, fo_fd = create_spool(tmpdir, group_access, spool)
+    else:
+        fi = fo = None
+        fi_fd = nameless_file(tmpdir)
+        fo_fd = nameless_file(tmpdir)
     size = summary["size"] = copy(0, fi_fd, "the message")
     data = read_envelope()
     code, length = check_envelope(data)
@@ -481,50 +686,56 @@ def scan_and_queue(fd6):
     summary["rcpts"] = envelope.count(b"\0") - 2
 
     # 2. The scan.
-    request = b"FPQMAIL/1 SCAN\nIn: %s\nOut: %s\nSize: %d\nEnvelope: %d\n\n%s" % (
-        fi.encode(), fo.encode(), size, len(envelope), envelope)
+    head = b"FPQMAIL/1 SCAN\nSize: %d\nEnvelope: %d\n" % (size, len(envelope))
+    tail = b"On-Virus: %s\nCaller: %d\n%s\n%s" % (on_virus.encode(), ruid, client_headers(environ), envelope)
+
+    def request(family):
+        if family == _socket.AF_UNIX:
+            return head + tail
+        return head + b"In: %s\nOut: %s\n" % (fi.encode(), fo.encode()) + tail
+
     deliver_fd = fo_fd
+    reason = None
     try:
-        alarm_code = SCANNER_TIMED_OUT  # belt and braces: a hostname lookup has no timeout
-        _signal.alarm(int(timeout) + 2)
+        set_alarm(int(timeout) + 2, SCANNER_TIMED_OUT)  # belt and braces: a hostname lookup has no timeout
         try:
-            reply = ask_scanner(endpoints, connect_timeout, time.monotonic() + timeout, request)
+            reply = ask_scanner(endpoints, connect_timeout, time.monotonic() + timeout, request, (fi_fd, fo_fd))
         finally:
-            alarm_code = TIMED_OUT
-            _signal.alarm(86400)
+            set_alarm(86400, TIMED_OUT)
         status, fields = parse_reply(reply)
         if status == "ERROR":
             raise Fail(SCANNER_FAILED, "scanner error: %s" % printable(fields["reason"][0], 200), True)
-        if status != "INFECTED":
+        if status in ("CLEAN", "CLEANED"):
             announced_size(fields, fo_fd)
     except Fail as f:
         if not f.scanner or on_error != "pass":
             raise
-        log(syslog.LOG_WARNING, "delivering unscanned: %s" % f.reason)
-        status, fields = "UNSCANNED", {}
+        status, fields, reason = "UNSCANNED", {}, "not scanned: " + f.reason
         deliver_fd = unscanned_copy(tmpdir, fi_fd, f.reason)
 
-    # 3. What the verdict means for this message.
+    # 3. What the verdict means for this message. REFUSED and DEFERRED are the scanner's
+    # rules speaking, not scanner trouble: FP_QMAIL_ON_ERROR has no say.
+    if status in ("REFUSED", "DEFERRED"):
+        said = printable(fields["reason"][0], 200)
+        if status == "REFUSED":
+            return refuse(fd6, REJECTED, b"D", said), "refused", "the scanner refused it: " + said
+        return refuse(fd6, DEFERRED, b"Z", said), "deferred", "the scanner deferred it: " + said
     if fields.get("threat"):
         summary["threats"] = ", ".join(printable(t, 100) for t in fields["threat"])
     if status == "INFECTED" or (status == "CLEANED" and on_virus != "deliver"):
         if on_virus == "drop":
-            log(syslog.LOG_WARNING, "dropped infected message from <%s>: %s"
-                % (summary["sender"], summary["threats"]))
-            return 0, "dropped"
-        text = reject_text.replace("{threats}", summary["threats"])
-        return refuse(fd6, VIRUS_REJECTED, b"D", text), "rejected"
+            return 0, "dropped", None
+        return refuse(fd6, REJECTED, b"D", text.replace("{threats}", summary["threats"])), "rejected", None
 
     # 4. Hand over: fd 0 the message to deliver, fd 1 the envelope as received.
-    log_summary(status.lower(), "to " + queue)
-    hand_over(deliver_fd, envelope, queue)
+    hand_over(deliver_fd, envelope, queue, caller_signals, status.lower(), reason)
 
 
 def unscanned_copy(tmpdir, fi_fd, reason):
     """The original with one added header, in a new nameless file: fo may still be
     written by a scanner that we gave up on."""
+    fd = nameless_file(tmpdir)
     try:
-        fd = posix.open(tmpdir, posix.O_TMPFILE | posix.O_RDWR, 0o600)
         posix.write(fd, b"X-Antivirus: not scanned (%s)\n" % printable(reason, 200).encode())
         posix.lseek(fi_fd, 0, 0)
     except OSError as e:
@@ -533,7 +744,9 @@ def unscanned_copy(tmpdir, fi_fd, reason):
     return fd
 
 
-def hand_over(deliver_fd, envelope, queue):
+def hand_over(deliver_fd, envelope, queue, caller_signals, verdict, reason):
+    """exec qmail-queue.orig with fd 0 the message, fd 1 the envelope, fd 6 as the caller
+    gave it, no other descriptor, and the caller's signal dispositions and mask."""
     try:
         envelope_fd = posix.memfd_create("envelope")
         done = 0
@@ -543,14 +756,26 @@ def hand_over(deliver_fd, envelope, queue):
         posix.lseek(deliver_fd, 0, 0)
     except OSError as e:
         raise Fail(WRITE_FAILED, "cannot pass the envelope on: %s" % e.strerror)
+    # From here to the exec no signal is taken. One that came already raises its Fail
+    # here (pthread_sigmask runs pending handlers); one that comes later waits and is
+    # delivered, at its default action, when the caller's mask comes back below.
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
     remove_names(spool)  # before the exec: nothing is left even if qmail-queue.orig crashes
+    if STANDARD_START:
+        log(syslog.LOG_DEBUG, "the interpreter's start ignored SIGPIPE and SIGXFSZ: qmail-queue.orig "
+                              "gets them at their defaults")
+    log_summary(verdict, "to " + queue, reason)
     posix.dup2(deliver_fd, 0)
     posix.dup2(envelope_fd, 1)
     posix.closerange(3, 6)  # fd 6 stays as the caller gave it
-    posix.closerange(7, posix.sysconf("SC_OPEN_MAX"))
+    # CPython makes this one close_range(2) call: every descriptor from 7 up, however
+    # high, whatever the limits the caller set.
+    posix.closerange(7, FD_MAX)
     _signal.alarm(0)  # a pending alarm would survive the exec
-    for signum in (_signal.SIGPIPE, _signal.SIGXFSZ):  # Python ignores these; qmail-queue must not
-        _signal.signal(signum, _signal.SIG_DFL)
+    dispositions, mask = caller_signals
+    for signum, disposition in dispositions:
+        _signal.signal(signum, disposition)
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
     try:
         posix.execv(queue, [queue])
     except OSError as e:

@@ -5,10 +5,12 @@ error text, and a stand-in qmail-queue.orig that records what it received.
 FPQMAIL_UNDER_TEST picks what is run: `module` (default: python -m fpqmail) or
 `binary` (the Nuitka build, FPQMAIL_BINARY, default build/fp-qmail.dist/fp-qmail).
 """
+import ctypes
 import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -78,6 +80,68 @@ def become(user):
     return drop
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNS, MS_RDONLY, MS_REC, MS_PRIVATE = 0x00020000, 1, 0x4000, 1 << 18
+
+
+def private_mounts(overlays, hidden=()):
+    """In a child before its exec (a preexec function's work, as root): a mount namespace
+    of its own where each (layer, directory) of overlays shows layer's files over
+    directory (a read-only overlay), and each existing directory of hidden is empty."""
+    calls = [(_libc.unshare, (CLONE_NEWNS,)), (_libc.mount, (b"none", b"/", None, MS_REC | MS_PRIVATE, None))]
+    for layer, directory in overlays:
+        calls.append((_libc.mount, (b"fpq-overlay", directory.encode(), b"overlay", 0,
+                                    b"lowerdir=%s:%s" % (bytes(Path(layer)), directory.encode()))))
+    for directory in hidden:
+        if os.path.isdir(directory):
+            calls.append((_libc.mount, (b"fpq-hidden", directory.encode(), b"tmpfs", MS_RDONLY, None)))
+    for call, args in calls:
+        if call(*args) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, "private mounts: " + os.strerror(err))
+
+
+class PrivateEtc:
+    """/etc as one run sees it, the real one untouched (others run tests on this machine
+    too): files put here show through /etc in a private mount namespace of that run, a
+    read-only overlay of this layer on the real /etc. Needs root."""
+
+    def __init__(self, root):
+        self.layer = Path(root) / "etc-layer"
+        self.layer.mkdir(mode=0o755)
+        self.layer.chmod(0o755)  # the overlay's root takes the layer's mode: /etc's
+
+    def put(self, path, text, mode=0o644, uid=0, gid=0):
+        """/etc/<path> holds text (str or bytes), with this mode and owner."""
+        target = self.layer / path
+        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        target.write_bytes(text.encode() if isinstance(text, str) else text)
+        os.chown(target, uid, gid)
+        target.chmod(mode)
+        return target
+
+    def hide(self, path):
+        """/etc/<path> does not exist (an overlay whiteout)."""
+        target = self.layer / path
+        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+
+    def enter(self):
+        """A preexec function (root, in the child before its exec): a private mount
+        namespace where /etc is this layer over the real /etc, and what the machine may
+        have at the default paths (its qmail, a running daemon's socket) is out of sight."""
+        private_mounts([(self.layer, "/etc")], hidden=("/var/qmail", "/run/fpqmail-scand"))
+
+
+def then(*steps):
+    """One preexec function doing each of steps in order (None steps are skipped)."""
+    def run():
+        for step in steps:
+            if step:
+                step()
+    return run
+
+
 def install_setuid_binary(directory, owner):
     """A copy of the binary's dist folder in directory (root-owned), the binary setuid to
     owner, mode 4711, as the seed installs it for qmailq. Returns its path."""
@@ -107,11 +171,12 @@ class Result:
 
 
 def standin_executable(directory, python=sys.executable):
-    """The stand-in, behind a sh that notes which signals it inherited as ignored
-    (Python would ignore SIGPIPE itself before the stand-in could look). `sh -p` keeps
-    the effective uid a setuid fp-qmail passes on, as the real (C) qmail-queue would."""
+    """The stand-in, behind a sh that notes which signals it inherited as ignored and as
+    blocked (Python would ignore SIGPIPE itself before the stand-in could look). `sh -p`
+    keeps the effective uid a setuid fp-qmail passes on, as the real (C) qmail-queue would."""
     path = Path(directory) / "qmail-queue.orig"
-    path.write_text('#!/bin/sh -p\nQQ_SIGIGN=$(sed -n "s/^SigIgn:\\t//p" /proc/$$/status) exec %s -S %s\n'
+    path.write_text('#!/bin/sh -p\nQQ_SIGIGN=$(sed -n "s/^SigIgn:\\t//p" /proc/$$/status) '
+                    'QQ_SIGBLK=$(sed -n "s/^SigBlk:\\t//p" /proc/$$/status) exec %s -S %s\n'
                     % (python, TESTS / "qmail_queue_standin.py"))
     path.chmod(0o755)
     return path
@@ -139,8 +204,10 @@ class Rig:
         self.queue = standin_executable(self.root)
         self.scanner = None
         self.env = base_environment()
+        # No scanner until scan_with names one: never the machine's (the default socket).
         self.env.update({"FP_QMAIL_TMPDIR": str(self.tmpdir), "FP_QMAIL_QUEUE": str(self.queue),
-                         "QQ_STANDIN_DIR": str(self.queue_dir)})
+                         "QQ_STANDIN_DIR": str(self.queue_dir),
+                         "FP_QMAIL_SCANNER": str(self.root / "no-scanner.sock")})
 
     def scan_with(self, behaviour, **kw):
         if self.scanner:
@@ -204,11 +271,11 @@ class Rig:
 
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
-        if after_start:
-            after_start(proc)
         try:
+            if after_start:
+                after_start(proc)
             code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException:  # a timeout, or a failure of after_start: never leave it running
             proc.kill()
             proc.wait()
             raise

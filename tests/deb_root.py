@@ -35,7 +35,7 @@ def ensure_cache():
     try:
         run("debootstrap", "--variant=minbase", "--include=" + PACKAGES, "bookworm",
             work / "root", MIRROR)
-        partial = CACHE.with_suffix(".partial")
+        partial = CACHE.with_name("%s.%d.partial" % (CACHE.name, os.getpid()))  # others may make it too
         run("tar", "-C", work / "root", "-cf", partial, ".")
         partial.rename(CACHE)
     finally:
@@ -62,10 +62,11 @@ class DebRoot:
         return uid, gid
 
     def add_qmail(self):
-        """qmail's users and a stand-in bin/qmail-queue, as qmail's install makes them."""
+        """qmail's users (some) and a stand-in bin/qmail-queue, as qmail's install makes them."""
         self.chroot("groupadd", "--system", "qmail")
-        self.chroot("useradd", "--system", "-g", "qmail", "-d", "/var/qmail", "-M",
-                    "-s", "/usr/sbin/nologin", "qmailq")
+        for user in ("qmailq", "qmaild", "alias"):  # (no qmails: the package must cope)
+            self.chroot("useradd", "--system", "-g", "qmail", "-d", "/var/qmail", "-M",
+                        "-s", "/usr/sbin/nologin", user)
         standin = self.host(STANDIN)
         standin.parent.mkdir(parents=True)
         shutil.copy(REPO / "tests" / "qmail_queue_standin.py", standin)

@@ -7,7 +7,7 @@ then the envelope on fd 1 byte by byte with the same checks in the same order
 end of file before the final NUL: 54; a read error: 54), and exits 0 only when all
 of it was read. It then records exactly what it received, atomically, in
 $QQ_STANDIN_DIR/<n>.msg, <n>.env and <n>.json (descriptors open at exec, signal
-dispositions, uids), so tests can compare bytes.
+ignored and blocked signals, uids), so tests can compare bytes.
 
 Fault injection, for the tests that need qmail-queue.orig to fail:
 QQ_STANDIN_EXIT=<n> exits n after reading (nothing recorded), QQ_STANDIN_SIGNAL=<n>
@@ -67,14 +67,28 @@ def read_envelope(fd):
         address()
 
 
+def offset(fd):
+    """Where fd stands (None for a pipe: qmail-smtpd's own way of calling)."""
+    try:
+        return os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError:
+        return None
+
+
+def signals(mask):
+    """The signal numbers of a /proc/<pid>/status mask."""
+    return [n for n in range(1, 65) if int(mask, 16) >> (n - 1) & 1]
+
+
 def main():
     global partial
     state = {
         "fds": sorted(int(n) for n in os.listdir("/proc/self/fd")),
         # the signals ignored at exec, as the wrapping sh saw them (Python ignores some itself)
-        "ignored_signals": [n for n in range(1, 64) if int(os.environ["QQ_SIGIGN"], 16) >> (n - 1) & 1],
+        "ignored_signals": signals(os.environ["QQ_SIGIGN"]),
+        "blocked_signals": signals(os.environ.get("QQ_SIGBLK", "0")),
         "uid": os.getuid(), "euid": os.geteuid(), "cwd": os.getcwd(),
-        "fd0_offset": os.lseek(0, 0, os.SEEK_CUR),
+        "fd0_offset": offset(0),
         "alarm_pending": signal.alarm(0),  # an alarm fp-qmail forgot survives the exec
     }
     outdir = os.environ["QQ_STANDIN_DIR"]

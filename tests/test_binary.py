@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import scanner_double as sd
-from conftest import (BINARY, MESSAGE, UNDER_TEST, become, ensure_user, envelope, free_port,
+from conftest import (BINARY, MESSAGE, UNDER_TEST, PrivateEtc, become, ensure_user, envelope, free_port,
                       install_setuid_binary)
 
 binary_only = pytest.mark.skipif(UNDER_TEST != "binary",
@@ -40,24 +40,25 @@ def leftovers_in(directory, pid):
     return sorted(p.name for p in Path(directory).glob("f[io]%d.*" % pid))
 
 
-def run_bare(env, cwd):
+def run_bare(env, cwd, preexec=None):
     """The binary with exactly this environment: message on fd 0, envelope on fd 1."""
     env_r, env_w = os.pipe()
     os.write(env_w, envelope())
     os.close(env_w)
     proc = subprocess.Popen([str(BINARY)], stdin=subprocess.PIPE, stdout=env_r,
-                            stderr=subprocess.PIPE, env=env, cwd=cwd)
+                            stderr=subprocess.PIPE, env=env, cwd=cwd, preexec_fn=preexec)
     os.close(env_r)
     _, stderr = proc.communicate(MESSAGE, timeout=60)
     return proc, stderr.decode("utf-8", "replace")
 
 
 @binary_only
-def test_starts_with_an_empty_environment_from_the_root_directory():
-    # Settings come from /etc/f-prot.conf or the defaults: scanner 127.0.0.1:11200,
-    # which nothing serves in a test run (or, if something does, qmail-queue.orig is
-    # missing): a temporary failure either way, and nothing left in /tmp.
-    proc, stderr = run_bare({}, "/")
+def test_starts_with_an_empty_environment_from_the_root_directory(tmp_path):
+    # Settings come from the defaults (no /etc/f-prot.conf in this run's private /etc):
+    # the default scanner socket, missing here: a temporary failure, nothing left in /tmp.
+    etc = PrivateEtc(tmp_path)
+    etc.hide("f-prot.conf")
+    proc, stderr = run_bare({}, "/", preexec=etc.enter)
     assert proc.returncode in TEMPORARY_SCANNER_TROUBLE, (proc.returncode, stderr)
     assert "Traceback" not in stderr
     assert leftovers_in("/tmp", proc.pid) == []

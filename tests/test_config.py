@@ -41,7 +41,7 @@ def test_without_loglevel_in_the_environment_the_file_is_read_and_used(rig):
     r, trace = strace_opens(rig, {"FP_QMAIL_LOGLEVEL": None})
     assert str(path) in trace
     assert r.code == 0 and r.delivered == [], r
-    assert "dropped infected message" in r.stderr
+    assert "verdict=dropped" in r.stderr
 
 
 def test_environment_wins_over_the_file_key_by_key(rig):
@@ -94,7 +94,10 @@ def test_huge_config_is_exit_55(rig):
     ("FP_QMAIL_TMPDIR", "relative/dir"), ("FP_QMAIL_TMPDIR", "/tmp/new\nline"),
     ("FP_QMAIL_QUEUE", "qmail-queue.orig"), ("FP_QMAIL_SCANNER", "localhost"),
     ("FP_QMAIL_SCANNER", "127.0.0.1:99999"), ("FP_QMAIL_SCANNER", "127.0.0.1:11200,"),
-])
+    ("FP_QMAIL_SCANNER", b"\xff:11200"), ("FP_QMAIL_SCANNER", "127.0.0.1:\u00b9"),
+    ("FP_QMAIL_SCANNER", "127.0.0.1:" + "1" * 5000), ("FP_QMAIL_SCANNER", "/run/sock\u00e9t"),
+    ("FP_QMAIL_REJECT_TEXT", ""), ("FP_QMAIL_REJECT_TEXT", "ab"), ("FP_QMAIL_REJECT_TEXT", "\r\nx\r\n"),
+], ids=lambda v: repr(v)[:40])
 def test_a_value_that_cannot_be_parsed_is_exit_55_naming_key_and_value(rig, key, value):
     scanner = rig.scan_with(sd.clean)
     r = rig.run(env={key: value})

@@ -1,16 +1,19 @@
 """fp-qmail end to end: a real process with pipes on fd 0 and 1, a real socket to the
-scanner double, the strict stand-in as qmail-queue.orig. The `rig` fixture checks
-after every test that tmpdir holds nothing of ours."""
+scanner double (a unix socket taking the files as descriptors unless a test asks for
+TCP), the strict stand-in as qmail-queue.orig. The `rig` fixture checks after every test
+that tmpdir holds nothing of ours and that the double saw no protocol violation."""
 import os
 import re
+import resource
 import signal
 import stat
+import subprocess
 import time
 
 import pytest
 
 import scanner_double as sd
-from conftest import MESSAGE, envelope, free_port
+from conftest import MESSAGE, UNDER_TEST, envelope, fp_qmail_command, free_port
 
 TEMPORARY = {51, 52, 53, 54, 55, 71, 72, 73, 74, 81, 91}
 
@@ -32,33 +35,91 @@ def test_clean_message_is_delivered_byte_identical_with_one_header(rig):
     [(message, env, state)] = r.delivered
     assert message == sd.HEADER + MESSAGE
     assert env == envelope()
-    # qmail-queue.orig got fo from offset 0, no signal ignored that its caller did not
-    # ignore (Python ignores SIGPIPE and SIGXFSZ), no pending alarm, and no descriptor
-    # but 0, 1, 2 (and the one its own listdir used).
+    # qmail-queue.orig got fo from offset 0, no signal ignored or blocked that its caller
+    # did not ignore or block (Python ignores SIGPIPE and SIGXFSZ), no pending alarm, and
+    # no descriptor but 0, 1, 2 (and the one its own listdir used).
     assert state["fd0_offset"] == 0
     assert state["ignored_signals"] == signals_the_caller_ignores()
+    assert state["blocked_signals"] == []
     assert state["alarm_pending"] == 0
     assert set(state["fds"]) - {0, 1, 2} <= {3}
+    # The default transport: nameless files passed as descriptors, peer checked.
     [request] = scanner.requests
-    assert re.fullmatch(re.escape(str(rig.tmpdir)) + r"/fi(\d+)\.[0-9a-f]{16}", request["in"])
-    assert request["out"] == request["in"].replace("/fi", "/fo")
+    assert (request["in_links"], request["out_links"]) == (0, 0)
+    assert "in" not in request and "out" not in request
     assert request["size"] == len(MESSAGE)
     assert request["envelope"] == envelope()
+    assert (request["on-virus"], request["caller"]) == ("deliver", str(os.getuid()))
+    assert request["peer_uid"] == os.geteuid()
     assert "verdict=clean" in r.stderr
 
 
-def test_temp_files_are_private_by_default_and_group_accessible_on_request(rig):
+def test_over_tcp_the_files_are_named_in_the_request(rig):
+    scanner = rig.scan_with(sd.clean, tcp=True)
+    r = rig.run()
+    assert r.code == 0, r
+    assert r.delivered[0][0] == sd.HEADER + MESSAGE
+    [request] = scanner.requests
+    assert re.fullmatch(re.escape(str(rig.tmpdir)) + r"/fi(\d+)\.[0-9a-f]{16}", request["in"])
+    assert request["out"] == request["in"].replace("/fi", "/fo")
+    assert request["size"] == len(MESSAGE) and request["envelope"] == envelope()
+
+
+def test_a_list_with_a_tcp_entry_names_its_files_and_a_unix_entry_still_gets_descriptors(rig):
+    unix = rig.scan_with(sd.clean)
+    tcp = sd.ScannerDouble(sd.clean, tcp=True)
+    try:
+        r = rig.run(env={"FP_QMAIL_SCANNER": "%s,%s" % (unix.address, tcp.address)})
+    finally:
+        tcp.close()
+    assert r.code == 0, r
+    [request] = unix.requests
+    assert (request["in_links"], request["out_links"]) == (1, 1)  # named files, by descriptor
+    assert tcp.requests == []
+
+
+def test_temp_files_are_private_and_group_access_needs_a_setgid_directory(rig):
     modes = []
 
     def record_modes(conn, request):
-        modes.append((stat.S_IMODE(os.stat(request["in"]).st_mode),
-                      stat.S_IMODE(os.stat(request["out"]).st_mode)))
+        info = [os.stat(request[name]) for name in ("in", "out")]
+        modes.append(tuple(stat.S_IMODE(i.st_mode) for i in info) + tuple(i.st_gid for i in info))
         sd.clean(conn, request)
 
-    rig.scan_with(record_modes)
+    rig.scan_with(record_modes, tcp=True)
     assert rig.run().code == 0
+    # FP_QMAIL_GROUP_ACCESS=yes in a directory that is not setgid: the files would take
+    # the caller's group. A configuration error, named.
+    r = rig.run(env={"FP_QMAIL_GROUP_ACCESS": "yes"})
+    assert r.code == 55, r
+    assert "FP_QMAIL_GROUP_ACCESS=yes needs a setgid temp directory" in r.stderr
+    os.chown(rig.tmpdir, -1, 65534)
+    rig.tmpdir.chmod(0o2770)
     assert rig.run(env={"FP_QMAIL_GROUP_ACCESS": "yes"}).code == 0
-    assert modes == [(0o600, 0o600), (0o640, 0o660)]
+    assert modes == [(0o600, 0o600, 0, 0), (0o640, 0o660, 65534, 65534)]
+
+
+def test_group_access_does_not_matter_for_nameless_files(rig):
+    rig.scan_with(sd.clean)
+    r = rig.run(env={"FP_QMAIL_GROUP_ACCESS": "yes"})
+    assert r.code == 0, r
+
+
+@pytest.fixture
+def no_tmpfile_dir(rig):
+    """rig.tmpdir on a file system without O_TMPFILE (bpf's)."""
+    subprocess.run(["mount", "-t", "bpf", "fpq-no-tmpfile", str(rig.tmpdir)], check=True)
+    yield rig.tmpdir
+    subprocess.run(["umount", str(rig.tmpdir)], check=True)
+
+
+def test_a_tmpdir_without_o_tmpfile_is_a_named_write_failure(rig, no_tmpfile_dir):
+    scanner = rig.scan_with(sd.clean)
+    r = rig.run()
+    assert r.code == 53, r
+    assert "cannot create a nameless temp file in %s: its file system does not support O_TMPFILE" \
+        % no_tmpfile_dir in r.stderr
+    assert scanner.requests == [] and r.delivered == []
 
 
 def test_envelope_and_message_of_any_bytes_pass_unchanged(rig):
@@ -82,14 +143,7 @@ def test_empty_message_is_scanned_and_delivered(rig):
 
 def test_failover_to_the_next_scanner_when_a_connection_fails(rig):
     scanner = rig.scan_with(sd.clean)
-    rig.env["FP_QMAIL_SCANNER"] = "127.0.0.1:%d, %s" % (free_port(), scanner.address)
-    r = rig.run()
-    assert r.code == 0, r
-    assert len(scanner.requests) == 1
-
-
-def test_unix_socket_scanner(rig, tmp_path):
-    scanner = rig.scan_with(sd.clean, unix_path=str(tmp_path / "scanner.sock"))
+    rig.env["FP_QMAIL_SCANNER"] = "%s, 127.0.0.1:%d, %s" % (rig.root / "missing.sock", free_port(), scanner.address)
     r = rig.run()
     assert r.code == 0, r
     assert len(scanner.requests) == 1
@@ -164,7 +218,81 @@ def test_drop_reads_the_envelope_exits_0_and_logs(rig, behaviour):
     r = rig.run(env={"FP_QMAIL_ON_VIRUS": "drop", "FP_QMAIL_LOGLEVEL": "4"})
     assert r.code == 0, r
     assert r.delivered == []
-    assert "dropped infected message from <alice@example.org>: Worm.A" in r.stderr
+    assert "sender=<alice@example.org> rcpts=1 size=%d verdict=dropped threats=Worm.A exit 0" % len(MESSAGE) \
+        in r.stderr
+
+
+# ---- the scanner's own refusals -----------------------------------------------------------
+
+@pytest.mark.parametrize("on_error", ["tempfail", "pass"])
+@pytest.mark.parametrize("fd6", [True, False])
+def test_refused_is_permanent_whatever_the_error_policy(rig, fd6, on_error):
+    rig.scan_with(sd.refused("message too large for the scanner (#5.3.4)"))
+    r = rig.run(fd6=fd6, env={"FP_QMAIL_ON_ERROR": on_error})
+    assert r.delivered == []
+    if fd6:
+        assert (r.code, r.fd6_text) == (82, b"Dmessage too large for the scanner (#5.3.4)"), r
+    else:
+        assert r.code == 31, r
+    assert "verdict=refused threats=- exit %d" % r.code in r.stderr
+
+
+@pytest.mark.parametrize("on_error", ["tempfail", "pass"])
+@pytest.mark.parametrize("fd6", [True, False])
+def test_deferred_is_temporary_whatever_the_error_policy(rig, fd6, on_error):
+    rig.scan_with(sd.refused("too many messages from this sender, try later (#4.7.1)", status=b"DEFERRED"))
+    r = rig.run(fd6=fd6, env={"FP_QMAIL_ON_ERROR": on_error})
+    assert r.delivered == []
+    if fd6:
+        assert (r.code, r.fd6_text) == (82, b"Ztoo many messages from this sender, try later (#4.7.1)"), r
+    else:
+        assert r.code == 71, r
+    assert "verdict=deferred" in r.stderr
+
+
+@pytest.mark.parametrize("on_virus", ["deliver", "reject", "drop"])
+def test_the_request_says_what_happens_to_an_infected_message(rig, on_virus):
+    scanner = rig.scan_with(sd.clean)
+    assert rig.run(env={"FP_QMAIL_ON_VIRUS": on_virus}).code == 0
+    assert scanner.requests[0]["on-virus"] == on_virus
+
+
+def test_client_address_and_name_come_from_the_environment_when_usable(rig):
+    scanner = rig.scan_with(sd.clean)
+    assert rig.run(env={"TCPREMOTEIP": "192.0.2.7", "TCPREMOTEHOST": "mx.example.org"}).code == 0
+    for ip, host in (("192.0.2.7 x", "mx\x01.example"), ("a" * 256, "\xe9.example"), ("", "")):
+        assert rig.run(env={"TCPREMOTEIP": ip, "TCPREMOTEHOST": host}).code == 0
+    assert rig.run().code == 0
+    assert [(q.get("client-ip"), q.get("client-host")) for q in scanner.requests] == \
+        [("192.0.2.7", "mx.example.org")] + [(None, None)] * 4
+
+
+# ---- the log: one line per message ---------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["scanner down, fd 6", "scanner down", "clean", "infected, reject, fd 6",
+                                  "bad envelope", "bad setting"])
+def test_one_log_line_per_message_with_the_true_exit_code(rig, case):
+    env = {"FP_QMAIL_LOGLEVEL": "6"}
+    if case.startswith("scanner down"):
+        rig.env["FP_QMAIL_SCANNER"] = "127.0.0.1:%d" % free_port()
+    elif case == "infected, reject, fd 6":
+        rig.scan_with(sd.infected("Worm.A"))
+        env["FP_QMAIL_ON_VIRUS"] = "reject"
+    else:
+        rig.scan_with(sd.clean)
+    if case == "bad setting":
+        env["FP_QMAIL_TIMEOUT"] = "soon"
+    r = rig.run(fd6=case.endswith("fd 6"), env=env,
+                env_bytes=b"Xnot an envelope\0\0" if case == "bad envelope" else None)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("fp-qmail[")]
+    assert len(lines) == 1, lines
+    expected = {"scanner down, fd 6": 82, "scanner down": 73, "infected, reject, fd 6": 82,
+                "bad envelope": 91, "bad setting": 55}.get(case)
+    if expected is None:
+        assert r.code == 0 and " to %s ms=" % rig.queue in lines[0], lines
+    else:
+        assert r.code == expected and " exit %d ms=" % expected in lines[0], (r, lines)
+        assert "exit" not in lines[0].split(" ms=", 1)[1], lines  # the cause names no other code
 
 
 # ---- scanner trouble -----------------------------------------------------------------------
@@ -234,7 +362,8 @@ def test_on_error_pass_delivers_the_original_with_a_not_scanned_header(rig):
                         message[:-len(MESSAGE)])
     assert message.endswith(MESSAGE)
     assert env == envelope()
-    assert "delivering unscanned" in r.stderr
+    assert re.search(r"verdict=unscanned threats=- to \S+ ms=\d+: not scanned: scanner 127\.0\.0\.1:\d+: "
+                     r"Connection refused", r.stderr), r.stderr
 
 
 def test_on_error_pass_after_a_timeout_does_not_use_fo(rig):
@@ -311,21 +440,77 @@ def test_100MB_message_streams_with_bounded_memory(rig):
 
 # ---- signals -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("signum, code", [
-    (signal.SIGTERM, 71), (signal.SIGHUP, 71), (signal.SIGINT, 71), (signal.SIGALRM, 72)])
-def test_signal_while_scanning_removes_files_and_exits_temporarily(rig, signum, code):
-    scanner = rig.scan_with(sd.silent)
+def wait_for_request(scanner, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not scanner.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scanner.requests, "no request reached the scanner"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGALRM])
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_signal_while_scanning_removes_files_and_exits_temporarily(rig, signum, transport):
+    """Named files (TCP) are removed, nameless ones need nothing. A SIGALRM that is not
+    our own timer's is an interruption, never taken for the scanner's timeout."""
+    scanner = rig.scan_with(sd.silent, tcp=transport == "tcp")
 
     def kill_when_scanning(proc):
-        deadline = time.monotonic() + 20
-        while not scanner.requests and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for_request(scanner)
         proc.send_signal(signum)
 
-    r = rig.run(after_start=kill_when_scanning)
-    assert r.code == code, r
+    r = rig.run(after_start=kill_when_scanning, env={"FP_QMAIL_ON_ERROR": "pass"})
+    assert r.code == 71, r
     assert r.delivered == []
-    assert "signal" in r.stderr or "timed out" in r.stderr
+    assert "interrupted by signal %d" % signum in r.stderr
+
+
+def test_a_caller_that_ignores_signals_keeps_them_ignored_and_blocked_for_qmail_queue(rig):
+    """What the caller ignores stays ignored (SIGINT, SIGQUIT of a background job) and
+    qmail-queue.orig inherits it; so with a blocked signal. SIGPIPE and SIGXFSZ: exactly
+    as given where the interpreter's start did not change them first, else at their
+    defaults (fp-qmail says so at debug level)."""
+    scanner = rig.scan_with(sd.delayed(0.5))
+    ignored = [signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGUSR1]
+
+    def caller():
+        for signum in ignored:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2, signal.SIGWINCH])
+
+    def interrupt(proc):
+        wait_for_request(scanner)
+        proc.send_signal(signal.SIGINT)  # ignored: the message goes through
+
+    r = rig.run(preexec=caller, after_start=interrupt)
+    assert r.code == 0, r
+    state = r.delivered[0][2]
+    standard_start = "the interpreter's start ignored SIGPIPE and SIGXFSZ" in r.stderr
+    assert standard_start or UNDER_TEST == "binary"  # python -m fpqmail: always the standard start
+    expected = set(signals_the_caller_ignores()) | set(ignored)
+    if standard_start:
+        expected.discard(signal.SIGPIPE)
+    assert set(state["ignored_signals"]) == expected
+    assert state["blocked_signals"] == [signal.SIGUSR2, signal.SIGWINCH]
+
+
+def test_no_descriptor_of_the_callers_reaches_qmail_queue_not_even_above_the_limit(rig):
+    """Descriptors from 7 up are closed, however high: here one at 900 while the soft
+    limit is 64 (a caller can lower its limit after opening). fd 6 stays as given."""
+    rig.scan_with(sd.clean)
+
+    def caller():
+        fd = os.open("/dev/null", os.O_RDONLY)
+        for number in (7, 8, 63, 900):
+            os.dup2(fd, number)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    trace = rig.root / "trace"
+    r = rig.run(preexec=caller, fd6=True,
+                command=["strace", "-f", "-qq", "-e", "trace=close_range", "-o", str(trace)] + fp_qmail_command())
+    assert r.code == 0, r
+    fds = set(r.delivered[0][2]["fds"])
+    assert 6 in fds and fds - {0, 1, 2, 3, 6} == set(), fds
+    assert re.search(r"close_range\(7, 2147483646, 0\) += 0", trace.read_text())
 
 
 # ---- qmail-queue.orig ----------------------------------------------------------------------------
@@ -362,8 +547,9 @@ def test_missing_tmpdir_is_a_write_failure(rig):
 
 def test_planted_names_are_never_opened(rig):
     """Every name fp-qmail could pick is taken by a symlink to a file we watch: it must
-    still never write through one (here: its pid is known, the random part is not)."""
-    rig.scan_with(sd.clean)
+    still never write through one (here: its pid is known, the random part is not).
+    Named files: a TCP scanner (on the unix socket they have no names at all)."""
+    rig.scan_with(sd.clean, tcp=True)
     target = rig.root / "victim"
     target.write_bytes(b"precious")
     for i in range(200):

@@ -83,5 +83,4 @@ def test_sample_config_names_every_key_with_the_code_defaults():
         if default is not None:
             assert value == default, key
     # What the installed sample changes, and why (f-prot.conf(5), FILES).
-    assert values == {"FP_QMAIL_TMPDIR": "/var/spool/fp-qmail", "FP_QMAIL_GROUP_ACCESS": "yes",
-                      "FP_SCAND_QUARANTINE": "/var/lib/fp-qmail/quarantine"}
+    assert values == {"FP_SCAND_QUARANTINE": "/var/lib/fp-qmail/quarantine"}

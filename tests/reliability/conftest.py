@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BINARY, TESTS, UNDER_TEST, Rig, standin_executable
+from conftest import BINARY, TESTS, UNDER_TEST, Rig, private_mounts, standin_executable
 
 from . import summary
 
@@ -163,19 +163,28 @@ def world_rig(installed):
 # ---- syslog ---------------------------------------------------------------------------------
 
 class SyslogCapture:
-    """What programs send to /dev/log while the test runs (fp-qmail logs there only,
-    unless FP_QMAIL_LOG_STDERR=yes)."""
+    """What a program sends to /dev/log, captured without touching the machine's /dev:
+    the socket lives in the test's directory, and `enter` (a preexec function) gives the
+    child a /dev of its own whose log is a link to it. (fp-qmail logs to syslog only,
+    unless FP_QMAIL_LOG_STDERR=yes.)"""
     MAIL_ERR = 2 * 8 + 3       # facility mail, priority err
     MAIL_WARNING = 2 * 8 + 4
     MAIL_INFO = 2 * 8 + 6
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, directory):
+        self.path = directory / "log"
+        self.layer = directory / "dev-layer"
+        self.layer.mkdir(mode=0o755)
+        self.layer.chmod(0o755)  # the overlay's root takes the layer's mode: /dev's
+        (self.layer / "log").symlink_to(self.path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        os.chmod(path, 0o666)
+        self.sock.bind(str(self.path))
+        os.chmod(self.path, 0o666)
         self.lines = []
         threading.Thread(target=self._read, daemon=True).start()
+
+    def enter(self):
+        private_mounts([(self.layer, "/dev")])
 
     def _read(self):
         while True:
@@ -198,23 +207,19 @@ class SyslogCapture:
 
     def close(self):
         self.sock.close()
-        os.unlink(self.path)
 
 
 @pytest.fixture
-def syslog():
-    """A /dev/log of the test's own. Made only where no syslog daemon owns one (CI, the
-    development container): a running syslogd's socket is never touched."""
-    if os.path.exists("/dev/log"):
-        raise RuntimeError("/dev/log exists (a syslog daemon runs here): cannot capture syslog")
-    capture = SyslogCapture("/dev/log")
+def syslog(tmp_path):
+    """A /dev/log of the test's own: pass syslog.enter as the run's preexec."""
+    capture = SyslogCapture(tmp_path)
     yield capture
     capture.close()
 
 
 # ---- names fp-qmail will draw, known in advance ------------------------------------------
 
-def predictable_names(rig, program, strace_user=None, spool=None):
+def predictable_names(rig, program, strace_user=None, spool=None, preexec=None):
     """A command running fp-qmail (program: its argv) with the names it will draw known
     in advance, so that a test can plant things exactly there. It runs in a fresh PID
     namespace (its pid is the same on every run) with /dev/urandom bound to a file of
@@ -222,7 +227,8 @@ def predictable_names(rig, program, strace_user=None, spool=None):
     reads its randomness from that file, in order. A dry run, killed once its first pair
     exists in spool (default: a scratch tmpdir it is given), shows the pid and the first
     block used; the names that follow are the next blocks. strace_user: strace -u (runs
-    a setuid program as that user with its setuid bit honoured).
+    a setuid program as that user with its setuid bit honoured). preexec: for the dry
+    run, what the real run will do before the command (a private /etc).
     Returns (command, the first 16 <pid>.<random> suffixes)."""
     blocks = [(0xF0F0000000000000 + k).to_bytes(8, "big") for k in range(4096)]
     fake = rig.root / "urandom"
@@ -254,7 +260,7 @@ def predictable_names(rig, program, strace_user=None, spool=None):
             time.sleep(0.01)
         killed.append(True)
 
-    rig.run(command=command, message=message(), env=env, after_start=kill_once_spooled)
+    rig.run(command=command, message=message(), env=env, after_start=kill_once_spooled, preexec=preexec)
     spooled = sorted(p.name for p in spool.iterdir())
     assert [n[:2] for n in spooled] == ["fi", "fo"], spooled
     for name in spooled:

@@ -107,10 +107,18 @@ ELSEWHERE = {
     "test_fpqmail.py::test_fd6_open_read_only_counts_as_absent": ["fd: 6 a regular file"],
 }
 ATTACKS_ELSEWHERE = {
-    "test_setuid.py::test_path_settings_from_the_environment_are_ignored_under_setuid":
-        "environment names the caller's queue, config, tmpdir, unix scanner",
-    "test_setuid.py::test_with_loglevel_in_the_environment_paths_are_the_builtin_defaults":
-        "environment paths with FP_QMAIL_LOGLEVEL set",
+    "test_setuid.py::test_an_untrusted_callers_environment_changes_nothing":
+        "an untrusted caller's environment: policy, scanner, log level, group access, queue",
+    "test_setuid.py::test_an_untrusted_caller_cannot_open_the_files_to_a_group":
+        "an untrusted caller's environment: policy, scanner, log level, group access, queue",
+    "test_setuid.py::test_an_untrusted_caller_gets_the_file_read_even_with_a_log_level_in_its_environment":
+        "an untrusted caller's environment: policy, scanner, log level, group access, queue",
+    "test_setuid.py::test_a_trusted_uid_list_that_root_alone_does_not_control_is_ignored":
+        "a trusted-uid list root alone does not control",
+    "test_setuid.py::test_a_trusted_callers_environment_still_names_no_file_or_program":
+        "a trusted environment names the caller's queue, config, tmpdir, unix scanner",
+    "test_setuid.py::test_with_loglevel_in_a_trusted_environment_paths_are_the_builtin_defaults":
+        "a trusted environment names the caller's queue, config, tmpdir, unix scanner",
 }
 
 

@@ -7,9 +7,11 @@ objects planted in the shared temp directory. Nothing may run the caller's code 
 write a file the caller chose with the owner's rights; each attempt ends in a clean
 temporary failure or is ignored (the message is delivered as usual).
 
-The temp directory is sticky and world-writable, like the default /tmp, so the caller
-can plant names in it. /etc/f-prot.conf (the only place the setuid binary takes its
-paths from) is written for the test and restored afterwards.
+The caller is not a trusted uid: its environment counts for nothing, and the
+administrator's /etc/f-prot.conf decides. That file lives in a /etc private to each run
+(conftest.PrivateEtc): the machine's is never touched. The scanner is a TCP one, so that
+the files have names: the temp directory is sticky and world-writable, like the default
+/tmp, so the caller can plant names in it.
 """
 import os
 import pwd
@@ -25,8 +27,9 @@ from pathlib import Path
 import pytest
 
 import scanner_double as sd
-from conftest import (MESSAGE, TESTS, UNDER_TEST, Rig, become, ensure_user, envelope,
-                      install_setuid_binary, standin_executable)
+from conftest import (MESSAGE, TESTS, UNDER_TEST, PrivateEtc, Rig, become, ensure_user, envelope,
+                      install_setuid_binary, standin_executable, then)
+from scand_fixtures import EICAR
 
 from .checks import SUCCESS, TEMPORARY, kind
 from .conftest import CALLER, OWNER, SYSTEM_PYTHON, predictable_names, remove_all
@@ -35,7 +38,6 @@ pytestmark = pytest.mark.skipif(UNDER_TEST != "binary", reason=(
     "setuid attacks are about the installed binary: a Python script cannot be setuid "
     "(run them with FPQMAIL_UNDER_TEST=binary, as make test and make reliability do)"))
 attack = pytest.mark.attack
-CONF = Path("/etc/f-prot.conf")
 
 EVIL_C = r"""
 #include <fcntl.h>
@@ -93,8 +95,8 @@ class World:
             if p != self.drop:
                 os.lchown(p, self.caller.pw_uid, self.caller.pw_gid)
         self.scanner_address = scanner_address
-        self.rig.env = {"PATH": "/usr/bin:/bin", "QQ_STANDIN_DIR": str(self.rig.queue_dir),
-                        "FP_QMAIL_LOG_STDERR": "yes"}
+        self.etc = PrivateEtc(root)
+        self.rig.env = {"PATH": "/usr/bin:/bin", "QQ_STANDIN_DIR": str(self.rig.queue_dir)}
 
     def _arsenal(self):
         python_payload = ("import os\nopen(%r %% os.geteuid(), 'w').close()\n"
@@ -135,10 +137,13 @@ class World:
         self.evil_conf.write_text("FP_QMAIL_QUEUE=%s\nFP_QMAIL_TMPDIR=%s\nFP_QMAIL_LOGLEVEL=7\n"
                                   % (self.evil_program, self.drop))
 
-    def configure(self):
-        CONF.write_text("FP_QMAIL_QUEUE=%s\nFP_QMAIL_TMPDIR=%s\nFP_QMAIL_SCANNER=%s\nFP_QMAIL_LOGLEVEL=7\n"
-                        "FP_QMAIL_TIMEOUT=3\n" % (self.rig.queue, self.rig.tmpdir, self.scanner_address))
-        CONF.chmod(0o644)
+    def configure(self, **more):
+        """The administrator's /etc/f-prot.conf."""
+        settings = dict(FP_QMAIL_QUEUE=self.rig.queue, FP_QMAIL_TMPDIR=self.rig.tmpdir,
+                        FP_QMAIL_SCANNER=self.scanner_address, FP_QMAIL_LOGLEVEL=7, FP_QMAIL_LOG_STDERR="yes",
+                        FP_QMAIL_TIMEOUT=3)
+        settings.update(more)
+        self.etc.put("f-prot.conf", "".join("%s='%s'\n" % kv for kv in settings.items()))
 
     def snapshot(self):
         """What the caller and the owner have on disk, to compare after an attack."""
@@ -146,11 +151,7 @@ class World:
                 for p in [self.precious, *self.mine.rglob("*")]}
 
     def run(self, env=None, command=None, preexec=None, as_caller=True, **kw):
-        def setup():
-            if as_caller:
-                become(CALLER)()
-            if preexec:
-                preexec()
+        setup = then(self.etc.enter, become(CALLER) if as_caller else None, preexec)
         return self.rig.run(env=env, command=command or [str(self.binary)], preexec=setup, **kw)
 
 
@@ -160,8 +161,7 @@ def world():
         raise RuntimeError("the setuid attacks install a setuid binary: run them as root")
     root = Path(tempfile.mkdtemp(prefix="fpq-attack-", dir="/var/tmp"))
     root.chmod(0o755)
-    saved = CONF.read_bytes() if CONF.exists() else None
-    scanner = sd.ScannerDouble(sd.clean)
+    scanner = sd.ScannerDouble(sd.clean, tcp=True)
     try:
         w = World(root, scanner.address)
         w.scanner = scanner
@@ -174,12 +174,9 @@ def world():
         assert w.snapshot() == w.before, "the caller's or the owner's files changed"
         assert sorted(os.listdir(w.drop)) == [], "the caller's code ran: %r" % os.listdir(w.drop)
         assert w.precious.read_bytes() == b"the owner's data"
+        assert scanner.violations == []
     finally:
         scanner.close()
-        if saved is None:
-            CONF.unlink(missing_ok=True)
-        else:
-            CONF.write_bytes(saved)
         shutil.rmtree(root)
 
 
@@ -413,7 +410,7 @@ def test_planted_links_at_the_very_names_drawn(world):
     into the owner's directory, a file of its own, and a free fi whose fo is taken.
     fp-qmail, running as the owner, opens none of them and uses the first free pair."""
     command, names = predictable_names(world.rig, [str(world.binary)], strace_user=CALLER,
-                                       spool=world.rig.tmpdir)
+                                       spool=world.rig.tmpdir, preexec=world.etc.enter)
     t = world.rig.tmpdir
     mine = t / ("fi" + names[3])
     plants = [(t / ("fi" + names[0]), lambda p: os.symlink(world.precious, p), True),
@@ -441,28 +438,45 @@ def test_planted_links_at_the_very_names_drawn(world):
     assert not (world.home / "created-by-owner").exists()
 
 
-@attack("the caller's own scanner (TCP endpoints may come from the environment)")
-@pytest.mark.parametrize("reply", ["CLEAN, fo written as the caller", "CLEAN, fo untouched", "INFECTED"])
-def test_a_scanner_of_the_callers_cannot_make_anything_delivered(world, reply):
-    """FP_QMAIL_SCANNER=host:port is not a path, so the caller may name a scanner of
-    theirs. It cannot write fo (the owner's, mode 0600), and fp-qmail delivers only an
-    fo whose size it checks itself: at worst the caller's own message is refused."""
-    attempts = []
-
-    def callers_scanner(conn, request):
-        size = len(sd.HEADER) + request["size"]
-        if reply == "CLEAN, fo written as the caller":
-            attempts.append(subprocess.run(
-                [SYSTEM_PYTHON, "-c", "import sys; open(sys.argv[1], 'r+b').write(b'x' * int(sys.argv[2]))",
-                 request["out"], str(size)], preexec_fn=become(CALLER), capture_output=True, text=True))
-        conn.sendall(b"FPQMAIL/1 INFECTED\nThreat: Fake\n\n" if reply == "INFECTED"
-                     else b"FPQMAIL/1 CLEAN\nSize: %d\n\n" % size)
-
-    theirs = sd.ScannerDouble(callers_scanner)
+@attack("the caller's own scanner, by TCP or unix socket")
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_scanner_of_the_callers_is_never_asked(world, transport):
+    """The caller's environment does not count: a scanner of theirs that would answer
+    CLEAN to anything is never connected to; the administrator's scanner is."""
+    theirs = sd.ScannerDouble(sd.clean, tcp=transport == "tcp")
     try:
-        r = world.run(env={"FP_QMAIL_SCANNER": theirs.address})
+        r = world.run(env={"FP_QMAIL_SCANNER": theirs.address, "FP_QMAIL_CONNECT_TIMEOUT": "0.001"})
     finally:
         theirs.close()
-    assert r.delivered == [] and r.code in (31, 74), r
-    if attempts:
-        assert "Permission denied" in attempts[0].stderr, attempts[0]
+    clean_outcome(world, r, SUCCESS)
+    assert theirs.connections == 0 and len(world.scanner.requests) == 1
+
+
+@attack("the issue's environment: ON_ERROR=pass, a dead scanner, LOGLEVEL=0, GROUP_ACCESS=yes")
+@pytest.mark.parametrize("queue", ["the caller's program", "the real stand-in", "not set"])
+@pytest.mark.parametrize("policy", ["reject", "deliver"])
+def test_eicar_is_never_queued_whatever_the_environment(world, start_scand, queue, policy):
+    """Issue 10's acceptance: a local user runs the setuid binary with
+    FP_QMAIL_ON_ERROR=pass FP_QMAIL_SCANNER=127.0.0.1:1 FP_QMAIL_LOGLEVEL=0
+    FP_QMAIL_GROUP_ACCESS=yes (and a queue program) in its environment and EICAR attached.
+    The real daemon, the administrator's policy and logging decide: rejected (31), or
+    delivered with EICAR replaced; never queued as it came."""
+    daemon = start_scand(world.rig.tmpdir)
+    world.configure(FP_QMAIL_SCANNER=daemon.address, FP_QMAIL_ON_VIRUS=policy)
+    env = {"FP_QMAIL_ON_ERROR": "pass", "FP_QMAIL_SCANNER": "127.0.0.1:1", "FP_QMAIL_LOGLEVEL": "0",
+           "FP_QMAIL_GROUP_ACCESS": "yes"}
+    if queue != "not set":
+        env["FP_QMAIL_QUEUE"] = str(world.evil_program if queue == "the caller's program" else world.rig.queue)
+    message = (b"From: mallory@example.org\nSubject: x\nMIME-Version: 1.0\n"
+               b"Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/plain\n\nhi\n"
+               b"--b\nContent-Type: application/octet-stream\nContent-Disposition: attachment; filename=e.com\n\n"
+               + EICAR + b"\n--b--\n")
+    r = world.run(env=env, message=message)
+    assert "threats=EICAR-Test-File" in r.stderr  # the administrator's log level and stderr copy
+    if policy == "reject":
+        assert r.code == 31 and r.delivered == [], r
+    else:
+        assert r.code == 0, r
+        [(delivered, _, state)] = r.delivered
+        assert EICAR not in delivered and b"EICAR-Test-File" in delivered
+        assert state["euid"] == world.owner.pw_uid
