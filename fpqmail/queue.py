@@ -22,8 +22,6 @@ environment. It is started for every message: it imports only modules built into
 interpreter (posix, not os), and the config-file parser only when it must read the file.
 """
 import _socket
-import errno
-import fcntl
 import posix
 import sys
 import syslog
@@ -61,6 +59,10 @@ SCANNER_GARBLED = 74      # a reply that breaks docs/protocol.md; fo not as anno
 INTERNAL = 81             # a bug of ours: logged with the exception
 CUSTOM_TEXT = 82          # the text on fd 6 says permanent (D) or temporary (Z)
 ENVELOPE_FORMAT = 91      # envelope not F... T... as qmail-queue demands
+
+# The errno values fp-qmail tells apart, Linux's (it is Linux-only: O_TMPFILE, splice,
+# memfd): the errno module would be one more import on every message.
+EIO, EISDIR, EINVAL, EFBIG, ENOSPC, EROFS, EOPNOTSUPP, EDQUOT = 5, 21, 22, 27, 28, 30, 95, 122
 
 ENVELOPE_MAX = 16 << 20
 REPLY_MAX = 64 << 10
@@ -304,7 +306,7 @@ def nameless_file(tmpdir):
     try:
         return posix.open(tmpdir, posix.O_TMPFILE | posix.O_RDWR, 0o600)
     except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.EISDIR):
+        if e.errno in (EOPNOTSUPP, EISDIR):
             raise Fail(WRITE_FAILED, "cannot create a nameless temp file in %s: its file system does "
                                      "not support O_TMPFILE" % tmpdir)
         raise Fail(WRITE_FAILED, "cannot create a temp file in %s: %s" % (tmpdir, e.strerror))
@@ -382,7 +384,7 @@ def copy(src, dst, what):
                 return total
             total += n
     except OSError as e:
-        if e.errno != errno.EINVAL or total:
+        if e.errno != EINVAL or total:
             raise copy_failure(e, what)
     buf = bytearray(1 << 16)
     view = memoryview(buf)
@@ -403,7 +405,7 @@ def copy(src, dst, what):
 
 
 def copy_failure(e, what):
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS):
+    if e.errno in (ENOSPC, EDQUOT, EFBIG, EIO, EROFS):
         return Fail(WRITE_FAILED, "cannot write %s to a temp file: %s" % (what, e.strerror))
     return Fail(READ_FAILED, "cannot read %s: %s" % (what, e.strerror))
 
@@ -548,8 +550,11 @@ def announced_size(fields, fo_fd):
 # ---- the custom error text on fd 6 ----------------------------------------------------
 
 def fd6_writable():
+    """Whether the caller gave us fd 6 open for writing: writing nothing to it succeeds
+    (a pipe, as qmail-smtpd gives it, takes an empty write as nothing)."""
     try:
-        return fcntl.fcntl(6, fcntl.F_GETFL) & 3 in (posix.O_WRONLY, posix.O_RDWR)
+        posix.write(6, b"")
+        return True
     except OSError:
         return False
 
@@ -585,7 +590,7 @@ def main():
     # /dev/null write-only in their place makes reading 0 or 1 fail, as it should.
     for fd in (0, 1, 2):
         try:
-            fcntl.fcntl(fd, fcntl.F_GETFD)
+            posix.get_inheritable(fd)  # fcntl(F_GETFD): EBADF if it is closed
         except OSError:
             posix.dup2(posix.open("/dev/null", posix.O_WRONLY), fd)
     fd6 = fd6_writable()  # before we open anything that could become fd 6

@@ -21,36 +21,48 @@
  *
  * Whatever fails before main() takes over, and any exception main() lets out, is one
  * log line (syslog, facility mail, copied to stderr) and exit 81, qmail-queue's
- * "internal bug": a temporary failure qmail retries, never a crash.
+ * "internal bug": a temporary failure qmail retries, never a crash. A SIGINT that
+ * lands before main() takes it over is exit 71, as fpqmail.queue's INTERRUPTED.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <syslog.h>
 #include <unistd.h>
 
+#define INTERRUPTED 71 /* as fpqmail.queue's: a signal before the message was taken */
 #define INTERNAL 81
 
 /* Declared in CPython's internal headers only: sets up the state the _signal module
  * needs (importing _signal without it crashes). 0: install no handler. */
 extern int _PySignal_Init(int install_signal_handlers);
 
-/* One log line in fpqmail.queue's format, then exit 81. The text is made printable
- * ASCII and cut, as fpqmail.queue.printable() does with text from outside. */
-_Noreturn static void internal_error(const char *what, const char *detail) {
+/* One log line in fpqmail.queue's format, then the exit code. The text is made
+ * printable ASCII and cut, as fpqmail.values.printable() does with text from outside. */
+_Noreturn static void log_and_exit(int code, const char *what, const char *detail) {
     char text[256];
     snprintf(text, sizeof text, "%s%s%s", what, *detail ? ": " : "", detail);
     for (char *c = text; *c; c++)
         if (*c < ' ' || *c > '~')
             *c = '?';
     openlog("fp-qmail", LOG_PID | LOG_PERROR, LOG_MAIL);
-    syslog(LOG_ERR, "internal error: %s (exit %d)", text, INTERNAL);
-    _exit(INTERNAL);
+    syslog(LOG_ERR, "%s (exit %d)", text, code);
+    _exit(code);
 }
 
-/* internal_error() for the Python exception being raised: its type and message. */
+_Noreturn static void internal_error(const char *what, const char *detail) {
+    char text[256];
+    snprintf(text, sizeof text, "internal error: %s", what);
+    log_and_exit(INTERNAL, text, detail);
+}
+
+/* The Python exception being raised: its type and message. A SIGINT that came while
+ * fpqmail.queue was being imported (importing _signal gives SIGINT CPython's handler
+ * until main() takes it over) is an interruption, as it is once main() runs. */
 _Noreturn static void python_error(void) {
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
+    if (type && PyErr_GivenExceptionMatches(type, PyExc_KeyboardInterrupt))
+        log_and_exit(INTERRUPTED, "interrupted by signal 2 at start", "");
     PyErr_NormalizeException(&type, &value, &traceback);
     PyObject *message = value ? PyObject_Str(value) : NULL;
     const char *text = message ? PyUnicode_AsUTF8(message) : NULL;
