@@ -18,10 +18,10 @@ from fpqmail.values import printable
 from . import mime
 from .deadline import check as check_deadline
 from .engines import EngineError, ScanObject
+from .headers import fold, listed
 from .mime import Limits, LimitExceeded  # noqa: F401 (examine's callers catch it)
 
 DEFAULT_LIMITS = Limits.from_settings({})
-HEADER_WIDTH = 78
 MAX_THREAT = 200  # characters; file names can be long, header lines must not be
 
 
@@ -59,7 +59,7 @@ class Examined:
         if self.status != "clean":
             items = self.threats + (["removed"] if self.status == "cleaned" else [])
             text += "; infected:"
-            text += _fold(items, len(text), newline)
+            text += fold(listed(items), len(text), newline.decode())
         return text.encode("ascii") + newline
 
     def notices(self):
@@ -169,17 +169,3 @@ def _notice(findings, newline):
               f"Content-Disposition: inline{nl}{nl}")
     return (header + nl.join(lines)).encode("ascii")  # the line break before the delimiter ends it
 
-
-def _fold(items, column, newline):
-    """ " item1, item2, ..." folded (newline + tab) before an item that would pass
-    HEADER_WIDTH, so no header line grows long however many threats there are."""
-    out = ""
-    for k, item in enumerate(items):
-        token = item + ("," if k + 1 < len(items) else "")
-        if column + 1 + len(token) > HEADER_WIDTH:
-            out += newline.decode() + "\t" + token
-            column = 1 + len(token)
-        else:
-            out += " " + token
-            column += 1 + len(token)
-    return out

@@ -21,6 +21,7 @@ from fpqmail.values import printable
 
 from ..engines import EngineError
 from ..engines.endpoints import BACKOFF, Endpoints
+from ..headers import fold, listed
 
 #: the largest message scored, in bytes: spamc's default (500 KB); a larger message is
 #: not sent and gets the outcome 'unknown' (skipped)
@@ -41,7 +42,6 @@ DELIVER, TAG, REJECT, SOFT_REJECT, GREYLIST, UNKNOWN = (
 #: the verdicts of X-Spam-Status
 YES, NO, UNSCORED = "Yes", "No", "Unknown"
 
-HEADER_WIDTH = 78
 _UNSAFE = re.compile(rb"[\x00-\x1f\x7f]")  # never in a request header of ours
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
@@ -238,8 +238,8 @@ def peer_name(sock):
 # ---- the headers of a scored message -------------------------------------------------
 
 def header_block(result, verdict, required, newline=b"\n") -> bytes:
-    """The spam headers a message gets, in its own line ending (newline), folded before
-    HEADER_WIDTH where a line can be, printable ASCII:
+    """The spam headers a message gets, in its own line ending (newline), folded (by
+    headers.fold, as X-Antivirus is) where a line can be, printable ASCII:
 
         X-Spam-Status: Yes, score=S required=R tests=NAME,NAME,...
         X-Spam-Score: S
@@ -253,26 +253,12 @@ def header_block(result, verdict, required, newline=b"\n") -> bytes:
     score = f"{result.score:.1f}"
     status = f"X-Spam-Status: {verdict}, score={score} required={required:.1f}"
     if result.symbols:
-        status += _fold("tests=", list(result.symbols), len(status), newline.decode("ascii"))
+        pieces = listed(list(result.symbols))
+        pieces[0] = "tests=" + pieces[0]
+        status += fold(pieces, len(status), newline.decode("ascii"), gap="")
     lines = [status, f"X-Spam-Score: {score}"]
     if verdict == YES:
         lines.append("X-Spam-Flag: YES")
     # Symbol names are printable already (symbol_names); the rest is ours.
     return "".join(line + newline.decode("ascii") for line in lines).encode("ascii")
 
-
-def _fold(lead, items, column, newline):
-    """lead + items joined by commas, folded (newline + tab) before a piece that would
-    pass HEADER_WIDTH; the lead and the first item are one piece."""
-    pieces = [(lead.lstrip() if k == 0 else "") + item + ("," if k + 1 < len(items) else "")
-              for k, item in enumerate(items)]
-    out = ""
-    for k, piece in enumerate(pieces):
-        gap = " " if k == 0 else ""
-        if column + len(gap) + len(piece) > HEADER_WIDTH:
-            out += newline + "\t" + piece
-            column = 1 + len(piece)
-        else:
-            out += gap + piece
-            column += len(gap) + len(piece)
-    return out
