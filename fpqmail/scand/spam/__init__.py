@@ -22,12 +22,16 @@ from fpqmail.values import printable
 from ..engines import EngineError
 from ..engines.endpoints import BACKOFF, Endpoints
 from ..headers import fold, listed
+from ..settings import number
 
 #: the largest message scored, in bytes: spamc's default (500 KB); a larger message is
 #: not sent and gets the outcome 'unknown' (skipped)
 MAX_SIZE = 512_000
 CONNECT_TIMEOUT = 5.0
 TIMEOUT = 30.0
+#: the most recipients sent to an engine (rspamd's default max_recipients: it ignores
+#: the rest); the rest of a message's recipients still count for the policy
+MAX_RECIPIENTS = 1024
 #: the most of an engine's reply read (rspamd's JSON names every symbol and its options)
 MAX_REPLY = 4 << 20
 #: the most symbols kept for the header and the log, and the longest name
@@ -121,9 +125,10 @@ class SpamEngine:
         except EngineError as e:
             return unknown(self.name, str(e))
 
-    def ping(self):
-        """Health check: return if some endpoint answers, else raise EngineError."""
-        self._endpoints.ask(lambda sock, unix: self._ping(sock))
+    def ping(self, deadline=None):
+        """Health check: return if some endpoint answers (by deadline, a
+        time.monotonic() value, if given), else raise EngineError."""
+        self._endpoints.ask(lambda sock, unix: self._ping(sock), deadline)
 
     def reload(self):
         pass  # the engines reload their own rules
@@ -143,9 +148,28 @@ class SpamEngine:
         raise NotImplementedError
 
 
+#: the kinds of spam engine, as an engine spec names them
+KINDS = ("rspamd", "spamd")
+
+
+def is_spam_spec(spec):
+    return spec.partition(":")[0] in KINDS
+
+
+def options_from(settings) -> dict:
+    """The spam engine's options from the daemon's FP_SCAND_* settings (an unset or
+    empty key takes the default above); SettingsError names a bad one."""
+    return {
+        "connect_timeout": number(settings, "FP_SCAND_SPAM_CONNECT_TIMEOUT", 0.001, 86400, default=CONNECT_TIMEOUT),
+        "timeout": number(settings, "FP_SCAND_SPAM_TIMEOUT", 0.001, 86400, default=TIMEOUT),
+        "max_size": number(settings, "FP_SCAND_SPAM_MAX_SIZE", 0, 1 << 40, int, default=MAX_SIZE),
+    }
+
+
 def make_spam_engine(spec, **options) -> SpamEngine:
     """An engine from `rspamd:ENDPOINTS` or `spamd:ENDPOINTS`; options as SpamEngine
-    takes them. ValueError for anything else."""
+    takes them (options_from() reads them from the settings). ValueError for anything
+    else."""
     kind, _, endpoints = spec.partition(":")
     if kind == "rspamd" and endpoints:
         from .rspamd import RspamdEngine
