@@ -7,7 +7,6 @@ import signal
 import socket
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,13 +16,14 @@ import pytest
 from conftest import MESSAGE, envelope
 from scand_fixtures import (ATTACHED, EICAR, HEADER, TEMPORARY, Files, Scand, ask, ask_unix, connect,
                             daemon_descriptors, exchange, exchange_unix, parse_reply, read_all,
-                            request_bytes, send_with_fds, spool, unix_request)
+                            request_bytes, send_with_fds, socket_directory, spool, unix_request)
 
 
 # ---- through fp-qmail ----------------------------------------------------------------
 
-def test_clean_message_reaches_the_queue_with_one_added_header(rig, start_scand):
-    connect(rig, start_scand(rig.tmpdir))
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+def test_clean_message_reaches_the_queue_with_one_added_header(rig, start_scand, tcp):
+    connect(rig, start_scand(rig.tmpdir), tcp)
     r = rig.run()
     assert r.code == 0, r
     [(message, env, _)] = r.delivered
@@ -31,8 +31,9 @@ def test_clean_message_reaches_the_queue_with_one_added_header(rig, start_scand)
     assert env == envelope()
 
 
-def test_eicar_under_reject_exits_82_with_a_D_text_and_never_starts_the_queue(rig, start_scand):
-    connect(rig, start_scand(rig.tmpdir))
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+def test_eicar_under_reject_exits_82_with_a_D_text_and_never_starts_the_queue(rig, start_scand, tcp):
+    connect(rig, start_scand(rig.tmpdir), tcp)
     r = rig.run(ATTACHED, env={"FP_QMAIL_ON_VIRUS": "reject"}, fd6=True)
     assert r.code == 82, r
     assert r.fd6_text.startswith(b"D") and b"EICAR-Test-File in tool.com" in r.fd6_text
@@ -41,8 +42,9 @@ def test_eicar_under_reject_exits_82_with_a_D_text_and_never_starts_the_queue(ri
     assert r.delivered == []
 
 
-def test_eicar_attachment_under_deliver_is_replaced_and_the_original_quarantined(rig, start_scand, tmp_path):
-    daemon = connect(rig, start_scand(rig.tmpdir, quarantine=tmp_path / "q"))
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+def test_eicar_attachment_under_deliver_is_replaced_and_the_original_quarantined(rig, start_scand, tmp_path, tcp):
+    daemon = connect(rig, start_scand(rig.tmpdir, quarantine=tmp_path / "q"), tcp)
     r = rig.run(ATTACHED)
     assert r.code == 0, r
     [(message, _, _)] = r.delivered
@@ -232,8 +234,7 @@ def test_past_the_time_limit_the_request_is_answered_and_its_worker_stops(start_
 @pytest.fixture
 def unix_scand(start_scand, tmp_path):
     """A daemon on a unix socket in a directory every user can reach."""
-    directory = tempfile.mkdtemp(prefix="scand-", dir="/tmp")
-    os.chmod(directory, 0o755)
+    directory = socket_directory()
     path = os.path.join(directory, "scand.sock")
 
     def start(**options):
