@@ -537,6 +537,24 @@ def test_files_of_other_users_are_read_not_mapped_and_scanned_alike(start_scand,
     assert status == "CLEANED" and headers["Threat"] == ["EICAR-Test-File in tool.com"]
 
 
+def test_a_message_over_the_size_limit_is_refused_before_it_is_read(start_scand, tmp_path):
+    # Another user's file would be read into memory, not mapped: past FP_SCAND_MAX_SIZE
+    # (1 MiB here) the daemon refuses it without reading it.
+    daemon = start_scand(tmp_path, config={"FP_SCAND_MAX_SIZE": str(1 << 20)})
+    fi, fo = spool(tmp_path, os.urandom(64 << 20))
+    for path in (fi, fo):
+        os.chown(path, 65534, 65534)
+    before = peak_rss_mb(daemon.process.pid)
+    status, headers = ask(daemon.port, fi, fo)
+    assert status == "REFUSED" and headers["Reason"] == ["message too large to be scanned (#5.3.4)"]
+    assert peak_rss_mb(daemon.process.pid) - before < 32
+
+
+def peak_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
 @pytest.mark.parametrize("data, reason", [
     (b"FPQMAIL/2 SCAN\n\n", "unsupported version"),
     (b"GET / HTTP/1.0\r\n\r\n", "malformed request: not FPQMAIL"),
