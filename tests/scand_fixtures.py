@@ -12,10 +12,12 @@ the two files as descriptors (sendmsg with SCM_RIGHTS), as docs/protocol.md says
 import array
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,10 +40,25 @@ ATTACHED = (b"Received: from mx.example.org by example.net\nFrom: alice@example.
             b"--b1--\n")
 
 
+def socket_directory():
+    """A new directory for a unix socket: short enough a path for sun_path whatever the
+    test's name, and reachable by every user (setuid runs connect as another one)."""
+    directory = tempfile.mkdtemp(prefix="scand-", dir="/tmp")
+    os.chmod(directory, 0o755)
+    return directory
+
+
 class Scand:
+    """The daemon as installed: on a unix socket (first: what `connect` gives fp-qmail)
+    and, for the protocol's TCP side and raw clients, on a free TCP port too."""
+
     def __init__(self, root, tmpdir, engines=("builtin",), quarantine=None, config=None, args=(),
-                 listen="127.0.0.1:0", preexec_fn=None):
+                 listen=None, preexec_fn=None):
         self.root = Path(root)
+        self.socket_directory = None
+        if listen is None:
+            self.socket_directory = socket_directory()
+            listen = f"{self.socket_directory}/scand.sock 127.0.0.1:0"
         self.tmpdir = Path(tmpdir)
         self.quarantine = quarantine
         self.config = self.root / "scand.conf"
@@ -116,6 +133,8 @@ class Scand:
                 self.process.wait()
                 raise AssertionError("fpqmail-scand ignored SIGTERM: " + self.log())
         self.stderr.close()
+        if self.socket_directory:
+            shutil.rmtree(self.socket_directory, ignore_errors=True)
         return self.process.returncode
 
 
@@ -138,9 +157,10 @@ def start_scand(tmp_path):
         assert "Traceback" not in daemon.log(), daemon.log()
 
 
-def connect(rig, daemon):
-    """Point the rig's fp-qmail at the daemon."""
-    rig.env["FP_QMAIL_SCANNER"] = daemon.address
+def connect(rig, daemon, tcp=False):
+    """Point the rig's fp-qmail at the daemon: its unix socket (descriptors, nameless
+    files), or with tcp its TCP port (named files in the rig's tmpdir)."""
+    rig.env["FP_QMAIL_SCANNER"] = "127.0.0.1:%d" % daemon.port if tcp else daemon.address
     return daemon
 
 

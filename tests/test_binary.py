@@ -7,18 +7,15 @@ that escapes fpqmail.queue.main(). The rest of the suite runs against the binary
 """
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 import scanner_double as sd
-from conftest import (BINARY, MESSAGE, UNDER_TEST, PrivateEtc, become, ensure_user, envelope, free_port,
-                      install_setuid_binary)
+from conftest import BINARY, MESSAGE, UNDER_TEST, PrivateEtc, envelope, free_port
 
 binary_only = pytest.mark.skipif(UNDER_TEST != "binary",
                                  reason="about the Nuitka binary: FPQMAIL_UNDER_TEST=binary")

@@ -7,7 +7,6 @@ import signal
 import socket
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,13 +16,14 @@ import pytest
 from conftest import MESSAGE, envelope
 from scand_fixtures import (ATTACHED, EICAR, HEADER, TEMPORARY, Files, Scand, ask, ask_unix, connect,
                             daemon_descriptors, exchange, exchange_unix, parse_reply, read_all,
-                            request_bytes, send_with_fds, spool, unix_request)
+                            request_bytes, send_with_fds, socket_directory, spool, unix_request)
 
 
 # ---- through fp-qmail ----------------------------------------------------------------
 
-def test_clean_message_reaches_the_queue_with_one_added_header(rig, start_scand):
-    connect(rig, start_scand(rig.tmpdir))
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+def test_clean_message_reaches_the_queue_with_one_added_header(rig, start_scand, tcp):
+    connect(rig, start_scand(rig.tmpdir), tcp)
     r = rig.run()
     assert r.code == 0, r
     [(message, env, _)] = r.delivered
@@ -31,8 +31,9 @@ def test_clean_message_reaches_the_queue_with_one_added_header(rig, start_scand)
     assert env == envelope()
 
 
-def test_eicar_under_reject_exits_82_with_a_D_text_and_never_starts_the_queue(rig, start_scand):
-    connect(rig, start_scand(rig.tmpdir))
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+def test_eicar_under_reject_exits_82_with_a_D_text_and_never_starts_the_queue(rig, start_scand, tcp):
+    connect(rig, start_scand(rig.tmpdir), tcp)
     r = rig.run(ATTACHED, env={"FP_QMAIL_ON_VIRUS": "reject"}, fd6=True)
     assert r.code == 82, r
     assert r.fd6_text.startswith(b"D") and b"EICAR-Test-File in tool.com" in r.fd6_text
@@ -41,8 +42,9 @@ def test_eicar_under_reject_exits_82_with_a_D_text_and_never_starts_the_queue(ri
     assert r.delivered == []
 
 
-def test_eicar_attachment_under_deliver_is_replaced_and_the_original_quarantined(rig, start_scand, tmp_path):
-    daemon = connect(rig, start_scand(rig.tmpdir, quarantine=tmp_path / "q"))
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+def test_eicar_attachment_under_deliver_is_replaced_and_the_original_quarantined(rig, start_scand, tmp_path, tcp):
+    daemon = connect(rig, start_scand(rig.tmpdir, quarantine=tmp_path / "q"), tcp)
     r = rig.run(ATTACHED)
     assert r.code == 0, r
     [(message, _, _)] = r.delivered
@@ -232,8 +234,7 @@ def test_past_the_time_limit_the_request_is_answered_and_its_worker_stops(start_
 @pytest.fixture
 def unix_scand(start_scand, tmp_path):
     """A daemon on a unix socket in a directory every user can reach."""
-    directory = tempfile.mkdtemp(prefix="scand-", dir="/tmp")
-    os.chmod(directory, 0o755)
+    directory = socket_directory()
     path = os.path.join(directory, "scand.sock")
 
     def start(**options):
@@ -534,6 +535,24 @@ def test_files_of_other_users_are_read_not_mapped_and_scanned_alike(start_scand,
         os.chown(path, 65534, 65534)
     status, headers = ask(daemon.port, fi, fo)
     assert status == "CLEANED" and headers["Threat"] == ["EICAR-Test-File in tool.com"]
+
+
+def test_a_message_over_the_size_limit_is_refused_before_it_is_read(start_scand, tmp_path):
+    # Another user's file would be read into memory, not mapped: past FP_SCAND_MAX_SIZE
+    # (1 MiB here) the daemon refuses it without reading it.
+    daemon = start_scand(tmp_path, config={"FP_SCAND_MAX_SIZE": str(1 << 20)})
+    fi, fo = spool(tmp_path, os.urandom(64 << 20))
+    for path in (fi, fo):
+        os.chown(path, 65534, 65534)
+    before = peak_rss_mb(daemon.process.pid)
+    status, headers = ask(daemon.port, fi, fo)
+    assert status == "REFUSED" and headers["Reason"] == ["message too large to be scanned (#5.3.4)"]
+    assert peak_rss_mb(daemon.process.pid) - before < 32
+
+
+def peak_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
 
 
 @pytest.mark.parametrize("data, reason", [

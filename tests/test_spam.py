@@ -11,7 +11,6 @@ from collections import Counter
 
 import pytest
 
-from clamd_fixtures import clamd  # noqa: F401 (fixture)
 from fpqmail.scand.engines import EngineError
 from fpqmail.scand.spam import (DELIVER, MAX_SIZE, NO, REJECT, TAG, UNKNOWN, UNSCORED, YES, Client,
                                 SpamResult, header_block, make_spam_engine)

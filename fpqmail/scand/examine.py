@@ -88,8 +88,7 @@ def examine(message, fd, engines, deadline=None, limits=None) -> Examined:
     default the daemon's defaults. Raises LimitExceeded (the message must be refused),
     EngineError (no verdict) and deadline.TimeLimit."""
     limits = limits or DEFAULT_LIMITS
-    if len(message) > limits.max_size:
-        raise LimitExceeded("message too large to be scanned (#5.3.4)")
+    limits.check_size(len(message))
     buf = message if hasattr(message, "find") else bytes(message)
     names = [engine.name for engine in engines]
     with mime.Decomposed(buf, limits, deadline) as parts:

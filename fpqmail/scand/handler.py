@@ -65,6 +65,9 @@ def handle(job, runtime):
     except TimeLimit:
         logger.warning("scan %s from %s: abandoned at its time limit", job.scan_id, job.peer)
         return TIME_LIMIT, None
+    except LimitExceeded as e:
+        reply = protocol.format_reply("REFUSED", [("Reason", str(e))])
+        summary = f"status=refused reason={protocol.printable(e, 200)}"
     line = "scan %s from=<%s> rcpts=%d size=%d%s %s ms=%d" % (
         job.scan_id, protocol.printable(envelope.sender), envelope.recipient_count, request.size,
         _who(request), summary, (time.monotonic() - job.accepted) * 1000)
@@ -82,18 +85,16 @@ def _who(request):
 
 def scan(job, envelope, runtime):
     """Judge In, write Out if the message is to be delivered, keep the original if
-    asked; return (reply bytes, log summary). Raises Failed or TimeLimit."""
+    asked; return (reply bytes, log summary). Raises Failed (ERROR), LimitExceeded
+    (REFUSED: the message is past one of the limits) or TimeLimit."""
     request, deadline = job.request, job.deadline
     in_fd, out_fd = open_files(job, runtime.settings.tmpdir)
     try:
         mappable = os.fstat(in_fd).st_uid in runtime.mappable_owners
+        runtime.limits.check_size(request.size)  # before In is mapped or read
         with _contents(in_fd, request.size, mappable) as message:
             recipients = runtime.policy.for_message(envelope.distinct_recipients(), deadline)
-            try:
-                examined, spam, decision = judge(message, in_fd, envelope, recipients, job, runtime)
-            except LimitExceeded as e:
-                return protocol.format_reply("REFUSED", [("Reason", str(e))]), \
-                    f"status=refused reason={protocol.printable(e, 200)}"
+            examined, spam, decision = judge(message, in_fd, envelope, recipients, job, runtime)
             check(deadline)
             written = 0
             if decision.action == DELIVER:

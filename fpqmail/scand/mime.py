@@ -77,6 +77,12 @@ class Limits:
                    max_header_lines=get("FP_SCAND_MAX_HEADER_LINES", 1, 1 << 30),
                    max_expansion=get("FP_SCAND_MAX_EXPANSION", 1, 1000))
 
+    def check_size(self, size):
+        """LimitExceeded for a message larger than max_size: checked before a byte of it
+        is read."""
+        if size > self.max_size:
+            raise LimitExceeded("message too large to be scanned (#5.3.4)")
+
 
 class LimitExceeded(Exception):
     """The message is past one of the limits; str() is the SMTP text of the refusal."""

@@ -461,7 +461,8 @@ def test_eicar_is_never_queued_whatever_the_environment(world, start_scand, queu
     FP_QMAIL_GROUP_ACCESS=yes (and a queue program) in its environment and EICAR attached.
     The real daemon, the administrator's policy and logging decide: rejected (31), or
     delivered with EICAR replaced; never queued as it came."""
-    daemon = start_scand(world.rig.tmpdir)
+    # The daemon serves the setuid binary's owner, as an installed one serves qmailq.
+    daemon = start_scand(world.rig.tmpdir, config={"FP_SCAND_CLIENTS": "root " + world.owner.pw_name})
     world.configure(FP_QMAIL_SCANNER=daemon.address, FP_QMAIL_ON_VIRUS=policy)
     env = {"FP_QMAIL_ON_ERROR": "pass", "FP_QMAIL_SCANNER": "127.0.0.1:1", "FP_QMAIL_LOGLEVEL": "0",
            "FP_QMAIL_GROUP_ACCESS": "yes"}

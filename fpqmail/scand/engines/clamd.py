@@ -65,13 +65,13 @@ class _Session:
     def scan(self, objects):
         self.send(b"zIDSESSION\0")
         verdicts = []
-        for number, obj in enumerate(objects, 1):
+        for command, obj in enumerate(objects, 1):
             time_limit.check(self._deadline)
-            verdicts.append(self._one(number, obj))
+            verdicts.append(self._one(command, obj))
         self.send(b"zEND\0")
         return verdicts
 
-    def _one(self, number, obj):
+    def _one(self, command, obj):
         if self._unix:
             self._fildes(obj)
         else:
@@ -86,8 +86,8 @@ class _Session:
             except (BrokenPipeError, ConnectionResetError):
                 pass  # clamd stopped reading (size limit): its reply says why
         tag, _, reply = self.reply().partition(": ")
-        if tag != str(number):
-            raise EngineError(f"reply to command {number} in a session: {tag}: {reply}"[:300])
+        if tag != str(command):
+            raise EngineError(f"reply to command {command} in a session: {tag}: {reply}"[:300])
         return parse_verdict(reply)
 
     def _fildes(self, obj):
