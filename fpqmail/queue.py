@@ -532,7 +532,15 @@ def parse_reply(reply):
     for key in STATUSES[status]:
         if not fields.get(key) or not all(fields[key]):
             raise Fail(SCANNER_GARBLED, "scanner reply %s without %s" % (status, key.title()), True)
+    action = fields.get("action")
+    if action is not None and (status != "INFECTED" or len(action) != 1 or action[0] not in ("reject", "drop")):
+        raise Fail(SCANNER_GARBLED, "scanner reply %s with Action %r" % (status, printable(",".join(action), 200)),
+                   True)
     return status, fields
+
+
+# What to do with a message with a virus, from the least strict to the strictest.
+VIRUS_ACTIONS = ("deliver", "drop", "reject")
 
 
 def announced_size(fields, fo_fd):
@@ -578,7 +586,7 @@ SCANNER_TROUBLE_TEXT = "message could not be scanned for viruses, try again late
 # ---- the message's way through, top to bottom -------------------------------------------
 
 spool = []  # the temp file names that exist now: removed whatever happens
-summary = {"sender": "?", "rcpts": "?", "size": "?", "threats": "-"}
+summary = {"sender": "?", "rcpts": "?", "size": "?", "threats": "-", "spam": ""}
 
 
 def main():
@@ -619,15 +627,20 @@ def attempt(fd6, caller_signals):
 
 
 VERDICT_PRIORITY = {"failed": syslog.LOG_ERR, "dropped": syslog.LOG_WARNING, "unscanned": syslog.LOG_WARNING}
+NOT_SCANNED_BY_POLICY = "not scanned (policy)"
 
 
 def log_summary(verdict, outcome, reason=None):
     """The one line per message: info for the usual, warning for what lets mail through
-    unscanned or drops it, err for a failure (with its cause)."""
-    log(VERDICT_PRIORITY.get(verdict, syslog.LOG_INFO),
-        "sender=<%s> rcpts=%s size=%s verdict=%s threats=%s %s ms=%d%s" % (
-            summary["sender"], summary["rcpts"], summary["size"], verdict, summary["threats"], outcome,
-            (time.monotonic() - summary["started"]) * 1000, ": " + reason if reason else ""))
+    unscanned (unless the scanner's policy said so) or drops it, err for a failure (with
+    its cause). A message the scanner scored for spam has its Spam header in spam=."""
+    priority = VERDICT_PRIORITY.get(verdict, syslog.LOG_INFO)
+    if reason == NOT_SCANNED_BY_POLICY:  # the administrator's choice, not trouble
+        priority = syslog.LOG_INFO
+    log(priority, "sender=<%s> rcpts=%s size=%s verdict=%s threats=%s%s %s ms=%d%s" % (
+        summary["sender"], summary["rcpts"], summary["size"], verdict, summary["threats"],
+        " spam=" + summary["spam"] if summary["spam"] else "", outcome,
+        (time.monotonic() - summary["started"]) * 1000, ": " + reason if reason else ""))
 
 
 def failure(e, fd6):
@@ -720,6 +733,8 @@ def scan_and_queue(fd6, caller_signals):
 
     # 3. What the verdict means for this message. REFUSED and DEFERRED are the scanner's
     # rules speaking, not scanner trouble: FP_QMAIL_ON_ERROR has no say.
+    if fields.get("spam"):
+        summary["spam"] = printable(fields["spam"][0], 200)
     if status in ("REFUSED", "DEFERRED"):
         said = printable(fields["reason"][0], 200)
         if status == "REFUSED":
@@ -728,9 +743,13 @@ def scan_and_queue(fd6, caller_signals):
     if fields.get("threat"):
         summary["threats"] = ", ".join(printable(t, 100) for t in fields["threat"])
     if status == "INFECTED" or (status == "CLEANED" and on_virus != "deliver"):
-        if on_virus == "drop":
+        # The scanner's policy may say what to do (Action): the stricter of it and ours.
+        action = max(on_virus, fields.get("action", [on_virus])[0], key=VIRUS_ACTIONS.index)
+        if action == "drop":
             return 0, "dropped", None
         return refuse(fd6, REJECTED, b"D", text.replace("{threats}", summary["threats"])), "rejected", None
+    if status == "CLEAN" and fields.get("scanned", [""])[0].startswith("no"):
+        status, reason = "UNSCANNED", NOT_SCANNED_BY_POLICY
 
     # 4. Hand over: fd 0 the message to deliver, fd 1 the envelope as received.
     hand_over(deliver_fd, envelope, queue, caller_signals, status.lower(), reason)

@@ -180,6 +180,18 @@ def refused(reason="message larger than the scanner accepts (#5.3.4)", status=b"
     return behaviour
 
 
+def answer(status, *headers):
+    """The reply `status` with these (name, value) headers; CLEAN and CLEANED write fo
+    (the original under HEADER) and announce its Size first."""
+    def behaviour(conn, request):
+        lines = [b"FPQMAIL/1 " + status.encode()]
+        if status in ("CLEAN", "CLEANED"):
+            lines.append(b"Size: %d" % write_out(request, HEADER + original(request)))
+        lines += [b"%s: %s" % (name.encode(), value.encode()) for name, value in headers]
+        conn.sendall(b"\n".join(lines) + b"\n\n")
+    return behaviour
+
+
 def raw(reply):
     """Send these exact bytes, whatever they are, then close."""
     def behaviour(conn, request):

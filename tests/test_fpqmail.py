@@ -267,6 +267,56 @@ def test_client_address_and_name_come_from_the_environment_when_usable(rig):
         [("192.0.2.7", "mx.example.org")] + [(None, None)] * 4
 
 
+# ---- the scanner's policy: Action, Spam, Scanned ----------------------------------------------------
+
+@pytest.mark.parametrize("on_virus, action, outcome", [
+    ("deliver", "drop", "dropped"), ("deliver", "reject", "rejected"), ("drop", "drop", "dropped"),
+    ("drop", "reject", "rejected"), ("reject", "drop", "rejected"),
+])
+def test_an_infected_message_gets_the_stricter_of_the_scanners_action_and_on_virus(rig, on_virus, action,
+                                                                                 outcome):
+    rig.scan_with(sd.answer("INFECTED", ("Threat", "Worm.A"), ("Action", action)))
+    r = rig.run(fd6=True, env={"FP_QMAIL_ON_VIRUS": on_virus})
+    assert r.delivered == []
+    if outcome == "dropped":
+        assert (r.code, r.fd6_text) == (0, b""), r
+    else:
+        assert (r.code, r.fd6_text) == (82, b"DThis message contains a virus (Worm.A) and was rejected (#5.7.1)"), r
+    assert "verdict=%s threats=Worm.A exit %d" % (outcome, r.code) in r.stderr
+
+
+@pytest.mark.parametrize("headers", [
+    ("INFECTED", ("Threat", "Worm.A"), ("Action", "deliver")),
+    ("INFECTED", ("Threat", "Worm.A"), ("Action", "quarantine")),
+    ("INFECTED", ("Threat", "Worm.A"), ("Action", "drop"), ("Action", "reject")),
+    ("CLEAN", ("Action", "drop")),
+], ids=["deliver", "unknown", "twice", "on CLEAN"])
+def test_an_action_other_than_one_reject_or_drop_on_infected_is_garbage(rig, headers):
+    rig.scan_with(sd.answer(*headers))
+    r = rig.run(env={"FP_QMAIL_ON_VIRUS": "drop"})
+    assert (r.code, r.delivered) == (74, []), r
+    assert "with Action" in r.stderr
+
+
+@pytest.mark.parametrize("status, outcome", [("CLEAN", "clean threats=- spam=%s to "),
+                                             ("REFUSED", "refused threats=- spam=%s exit 31 ")])
+def test_the_scanners_spam_header_is_in_the_log_line(rig, status, outcome):
+    spam = "score=17.5 required=5.0 action=" + ("deliver" if status == "CLEAN" else "reject")
+    rig.scan_with(sd.answer(status, ("Spam", spam), *([("Reason", "spam")] if status == "REFUSED" else [])))
+    r = rig.run()
+    assert r.code == (0 if status == "CLEAN" else 31), r
+    assert "verdict=" + outcome % spam in r.stderr
+
+
+def test_a_message_the_scanners_policy_does_not_scan_is_delivered_and_logged_unscanned_at_info(rig):
+    rig.scan_with(sd.answer("CLEAN", ("Scanned", "no (policy)")))
+    r = rig.run(env={"FP_QMAIL_LOGLEVEL": "6"})
+    assert r.code == 0 and r.delivered[0][0] == sd.HEADER + MESSAGE, r
+    assert re.search(r"verdict=unscanned threats=- to \S+ ms=\d+: not scanned \(policy\)$", r.stderr, re.M), r.stderr
+    r = rig.run(env={"FP_QMAIL_LOGLEVEL": "5"})  # not a warning: the administrator chose it
+    assert r.code == 0 and "verdict=" not in r.stderr, r
+
+
 # ---- the log: one line per message ---------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["scanner down, fd 6", "scanner down", "clean", "infected, reject, fd 6",

@@ -192,6 +192,15 @@ def test_virus_strictest_wins_and_the_client_only_tightens():
     assert decide(text, [A], virus="clean", on_virus="deliver").action == DELIVER
 
 
+def test_a_virus_that_cannot_be_cleaned_is_dropped_where_fp_qmail_itself_would_drop_it():
+    # "clean" cannot be had: it means what fp-qmail does with such a message by itself.
+    text = "[a.example]\nvirus = reject\n"
+    c = b"x@c.example"
+    assert decide(text, [c], virus="infected", on_virus="drop") == pol.Decision(DROP, cause="virus")
+    assert decide(text, [c], virus="infected", on_virus="deliver").action == "reject"
+    assert decide(text, [A, c], virus="infected", on_virus="drop").action == "reject", "A's reject is stricter"
+
+
 def test_spam_thresholds_are_inclusive():
     text = "[*]\nspam-tag = 5\nspam-reject = 15\n"
     assert decide(text, [A], rspamd_says("deliver", 4.9)) == pol.Decision(DELIVER, verdict=NO, required=5)
@@ -281,15 +290,33 @@ spam = no
                rspamd_says(SOFT_REJECT, 4), rspamd_says(GREYLIST, 4), unknown("rspamd", "down"),
                unknown("rspamd", "big", skipped=True), spamd_says(2), spamd_says(12)]
     rank = {"reject": 0, DROP: 1, TEMPFAIL: 2, DELIVER: 3}
-    for virus, result in itertools.product(("clean", "cleaned", "infected"), results):
+    for virus, result, on_virus in itertools.product(("clean", "cleaned", "infected"), results,
+                                                     (None, "deliver", "drop", "reject")):
         for one in recipients:
-            alone = decide(text, [one], result, virus)
+            alone = decide(text, [one], result, virus, on_virus)
             for other in recipients:
-                together = decide(text, [one, other], result, virus)
+                together = decide(text, [one, other], result, virus, on_virus)
                 if table(text).for_recipient(one).scan:
                     assert rank[together.action] <= rank[alone.action], (one, other, virus, result)
                     if together.action == alone.action == DELIVER and alone.verdict == YES:
                         assert together.verdict == YES
+
+
+def test_a_message_to_very_many_recipients_is_judged_by_its_few_distinct_policies():
+    from fpqmail.scand.protocol import Envelope
+    t = table(TWO_DOMAINS)
+    other = b"z@other.example"
+    many = Envelope(b"alice@example.org", [A] * 100_000 + [B, other] + [A] * 10)
+    assert sorted(many.distinct_recipients(stretch=1)) == sorted([A] * 100_010 + [B, other])
+    assert sorted(set(many.distinct_recipients())) == sorted({A, B, other})
+    assert len(list(many.distinct_recipients())) < 100, "repeats within a stretch count once"
+    judged = t.for_message(many.distinct_recipients())
+    assert set(judged.distinct) == {t.for_recipient(A), t.for_recipient(B), t.for_recipient(other)}
+    assert judged.single is None and judged.decide("clean", rspamd_says(REJECT, 15.0)).action == REJECT
+    # One address, however often it is repeated, is one recipient for spam-user.
+    assert table("[*]\nspam-user = yes\n").for_message(Envelope(b"", [A] * 30_000).distinct_recipients()).spam_user == A
+    assert pol.no_policy().for_message(many.distinct_recipients()).distinct == [Policy()]
+    assert pol.no_policy().for_message([]).distinct == [Policy()]
 
 
 def test_spam_user_only_for_one_recipient():
@@ -342,7 +369,7 @@ def test_an_engine_down_under_two_policies(kind, tmp_path):
 
 def test_rspamd_reject_at_15(rspamd):
     """The acceptance case, as far as the daemon's side goes: GTUBE through rspamd with
-    reject from 15 is refused for good (phase 2 turns this into REFUSED and exit 82)."""
+    reject from 15 is refused for good (tests/test_scand_spam.py takes it through fp-qmail: exit 82)."""
     spam = make_spam_engine(rspamd.unix_spec).score(SPAM, b"alice@example.org", [A])
     decision = table("[*]\nspam-reject = 15\nspam-reject-text = 5.7.1 spam, score {score}\n") \
         .for_message([A]).decide("clean", spam)

@@ -29,7 +29,9 @@ def parser():
     p.add_argument("--listen", metavar="ADDR", help="host:port, [ipv6]:port or /unix/socket (FP_SCAND_LISTEN)")
     p.add_argument("--engine", metavar="SPEC", action="append",
                    help="builtin, clamd:ENDPOINT[,ENDPOINT...] or fpscand:HOST:PORT; repeat to "
-                        "chain engines (FP_SCAND_ENGINES)")
+                        "chain engines; one spam engine rspamd:ENDPOINT[,...] or spamd:ENDPOINT[,...] "
+                        "(FP_SCAND_ENGINES)")
+    p.add_argument("--policy", metavar="FILE", help="the policy file, fpqmail-policy(5) (FP_SCAND_POLICY)")
     p.add_argument("--quarantine", metavar="DIR", help="keep infected originals here (FP_SCAND_QUARANTINE)")
     p.add_argument("--backup", metavar="DIR", help="keep every original here (FP_SCAND_BACKUP)")
     p.add_argument("--tmpdir", metavar="DIR", help="fp-qmail's temp directory (FP_SCAND_TMPDIR)")
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     overrides = {
         "FP_SCAND_LISTEN": args.listen,
         "FP_SCAND_ENGINES": " ".join(args.engine) if args.engine else None,
+        "FP_SCAND_POLICY": args.policy,
         "FP_SCAND_QUARANTINE": args.quarantine,
         "FP_SCAND_BACKUP": args.backup,
         "FP_SCAND_TMPDIR": args.tmpdir,
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
         return EXIT_CONFIG
     if args.check:
         print("".join(f"{s.key}={current.raw[s.key]}\n" for s in settings.TABLE), end="", flush=True)
-        return check_engines(current.engines, runtime.engines)
+        return check_engines(runtime.engines + ([runtime.spam] if runtime.spam else []))
     memory.give_back_big_blocks()
     try:
         server = Server(current, runtime, load)
@@ -87,10 +90,11 @@ def main(argv=None) -> int:
     return server.serve()
 
 
-def check_engines(specs, engines) -> int:
-    """--check: every engine's own health check; each that does not answer is named."""
+def check_engines(engines) -> int:
+    """--check: every engine's own health check (the spam engine's too); each that does
+    not answer is named. engines: [(spec, engine)]."""
     silent = 0
-    for spec, engine in zip(specs, engines):
+    for spec, engine in engines:
         try:
             engine.ping()
         except EngineError as e:

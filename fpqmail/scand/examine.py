@@ -6,9 +6,10 @@ The daemon's own MIME decomposition (mime.Decomposed) decides what every engine 
 each decoded leaf, the inside of forwarded messages whatever their encoding, and the
 bytes around them. No engine is trusted to find parts by itself.
 
-Byte-exactness is the rule: the output is the added X-Antivirus header followed by the
-original bytes, except that each removed part's bytes (between its delimiter lines) are
-replaced by a short text/plain notice. Nothing else is re-encoded or refolded.
+Byte-exactness is the rule: the output is the added header block (X-Antivirus, then
+the spam headers of a scored message) followed by the original bytes, except that each
+removed part's bytes (between its delimiter lines) are replaced by a short text/plain
+notice. Nothing else is re-encoded or refolded.
 """
 
 import bisect
@@ -18,10 +19,11 @@ from fpqmail.values import printable
 from . import mime
 from .deadline import check as check_deadline
 from .engines import EngineError, ScanObject
+from .headers import fold, listed
 from .mime import Limits, LimitExceeded  # noqa: F401 (examine's callers catch it)
 
 DEFAULT_LIMITS = Limits.from_settings({})
-HEADER_WIDTH = 78
+UNSCANNED = "unscanned"  # the status of a message the policy says not to scan
 MAX_THREAT = 200  # characters; file names can be long, header lines must not be
 
 
@@ -29,17 +31,19 @@ class Examined:
     """The verdict on one message and the means to write the message to deliver."""
 
     def __init__(self, message, engines, status, threats, removed=()):
-        self.status = status        # "clean" | "cleaned" | "infected"
+        self.status = status        # "clean" | "cleaned" | "infected" | "unscanned"
         self.threats = threats      # printable ASCII, "Name" or "Name in file.zip"
         self.engines = engines      # names of the engines that looked
         self._message = message
         self._removed = list(removed)  # [(start, end, replacement bytes)], sorted, disjoint
 
-    def write(self, out) -> int:
+    def write(self, out, extra=b"") -> int:
         """Write the message to deliver to the binary file object out; return the
-        number of bytes written. For "infected" it is the original with the header
-        naming the threats: not to be delivered, but useful to look at."""
-        header = self.header()
+        number of bytes written. extra: more header lines (the spam headers, in the
+        message's own line ending), right below X-Antivirus, in the same block. For
+        "infected" it is the original with the header naming the threats: not to be
+        delivered, but useful to look at."""
+        header = self.header() + extra
         out.write(header)
         written = len(header)
         with memoryview(self._message) as original:
@@ -54,16 +58,28 @@ class Examined:
 
     def header(self):
         """The X-Antivirus header, in the message's own line ending."""
-        newline = mime.newline_of(self._message)
+        newline = self.newline()
+        if self.status == UNSCANNED:
+            return b"X-Antivirus: not scanned (policy)" + newline
         text = "X-Antivirus: scanned by fp-qmail (" + ", ".join(self.engines) + ")"
         if self.status != "clean":
             items = self.threats + (["removed"] if self.status == "cleaned" else [])
             text += "; infected:"
-            text += _fold(items, len(text), newline)
+            text += fold(listed(items), len(text), newline.decode())
         return text.encode("ascii") + newline
+
+    def newline(self):
+        """The message's own line ending (CRLF if its first line ends in one)."""
+        return mime.newline_of(self._message)
 
     def notices(self):
         return [notice for _, _, notice in self._removed]
+
+
+def not_scanned(message) -> Examined:
+    """A message the policy says not to scan: delivered as it is, under a header that
+    says so."""
+    return Examined(message, [], UNSCANNED, [])
 
 
 def examine(message, fd, engines, deadline=None, limits=None) -> Examined:
@@ -168,17 +184,3 @@ def _notice(findings, newline):
               f"Content-Disposition: inline{nl}{nl}")
     return (header + nl.join(lines)).encode("ascii")  # the line break before the delimiter ends it
 
-
-def _fold(items, column, newline):
-    """ " item1, item2, ..." folded (newline + tab) before an item that would pass
-    HEADER_WIDTH, so no header line grows long however many threats there are."""
-    out = ""
-    for k, item in enumerate(items):
-        token = item + ("," if k + 1 < len(items) else "")
-        if column + 1 + len(token) > HEADER_WIDTH:
-            out += newline.decode() + "\t" + token
-            column = 1 + len(token)
-        else:
-            out += " " + token
-            column += 1 + len(token)
-    return out

@@ -19,6 +19,7 @@ file offset the client shares (mmap or pread), and Out is written from offset 0.
 
 import contextlib
 import fcntl
+import itertools
 import mmap
 import os
 import stat
@@ -27,14 +28,21 @@ import time
 from . import protocol
 from .deadline import TimeLimit, check
 from .engines import EngineError
-from .examine import LimitExceeded
+from .examine import UNSCANNED, LimitExceeded, not_scanned
 from .log import logger
+from .policy import DELIVER, DROP, REJECT, TEMPFAIL, Decision
 from .quarantine import StoreError, fate_of
+from .spam import MAX_RECIPIENTS, TAG, YES, Client, header_block
 
 # A file system may allocate a little less than a file's size (data kept inline in the
 # inode, tail packing); more than this missing is a hole.
 SPARSE_SLACK = 64 * 1024
 TIME_LIMIT = protocol.error_reply("time limit")
+#: the spam engine answers by this share of the request's time limit (FP_SCAND_TIMEOUT),
+#: or the message is not scored: what is left is for writing Out and the stores
+SPAM_SHARE = 0.9
+#: what fp-qmail does with a message the policy does not deliver (quarantine.FATES)
+FATE_OF_ACTION = {REJECT: "rejected", DROP: "dropped", TEMPFAIL: "deferred"}
 
 
 class Failed(Exception):
@@ -76,39 +84,103 @@ def _who(request):
 
 
 def scan(job, envelope, runtime):
-    """Examine In into Out; return (reply bytes, log summary). Raises Failed (ERROR),
-    LimitExceeded (REFUSED: the message is past one of the limits) or TimeLimit."""
+    """Judge In, write Out if the message is to be delivered, keep the original if
+    asked; return (reply bytes, log summary). Raises Failed (ERROR), LimitExceeded
+    (REFUSED: the message is past one of the limits) or TimeLimit."""
     request, deadline = job.request, job.deadline
     in_fd, out_fd = open_files(job, runtime.settings.tmpdir)
     try:
         mappable = os.fstat(in_fd).st_uid in runtime.mappable_owners
         runtime.limits.check_size(request.size)  # before In is mapped or read
         with _contents(in_fd, request.size, mappable) as message:
-            try:
-                examined = runtime.examine(message, in_fd, deadline)
-            except EngineError as e:
-                raise Failed(f"engine failure: {protocol.printable(e)}") from None
+            recipients = runtime.policy.for_message(envelope.distinct_recipients(), deadline)
+            examined, spam, decision = judge(message, in_fd, envelope, recipients, job, runtime)
             check(deadline)
-            status = examined.status
-            if status == "cleaned" and request.on_virus in ("reject", "drop"):
-                status = "infected"  # the client will not deliver it: nothing to write
-            written = _write_out(examined, out_fd, deadline) if status != "infected" else 0
-            headers = [("Size", str(written))] if written else []
-            headers += [("Threat", t) for t in examined.threats]
-            headers.append(("Engines", ",".join(examined.engines)))
+            written = 0
+            if decision.action == DELIVER:
+                block = header_block(spam, decision.verdict, decision.required, examined.newline()) \
+                    if decision.verdict else b""
+                written = _write_out(examined, block, out_fd, deadline)
             check(deadline)
-            entry_id = _keep(runtime, message, envelope, examined, job.scan_id, request.on_virus)
-            if entry_id:
-                headers.append(("Id", entry_id))
+            entry_id = _keep(runtime, message, envelope, examined, spam, decision, job.scan_id,
+                             request.on_virus)
     finally:
         os.close(in_fd)
         os.close(out_fd)
-    summary = f"status={status}"
+    return _reply(examined, spam, decision, written, entry_id)
+
+
+def judge(message, fd, envelope, recipients, job, runtime):
+    """(Examined, SpamResult or None, policy.Decision): the virus engines' verdict, the
+    spam engine's score where it can still matter, and what the recipients' policies
+    (recipients: policy.MessagePolicy) make of them. Raises LimitExceeded, Failed and
+    TimeLimit."""
+    request = job.request
+    if not recipients.scan:
+        return not_scanned(message), None, Decision(DELIVER)
+    try:
+        examined = runtime.examine(message, fd, job.deadline)
+    except EngineError as e:
+        raise Failed(f"engine failure: {protocol.printable(e)}") from None
+    decision = recipients.decide(examined.status, None, request.on_virus)
+    if examined.status != "clean" or runtime.spam is None or not recipients.spam:
+        return examined, None, decision  # the virus verdict wins: a virus, and it is not scored
+    check(job.deadline)
+    # One round trip with the original. The engine's answer must come while there is
+    # still time to write Out: by SPAM_SHARE of the request's time limit.
+    spam_deadline = job.accepted + runtime.settings.timeout * SPAM_SHARE
+    spam = runtime.spam_engine.score(
+        message, envelope.sender, list(itertools.islice(envelope.iter_recipients(), MAX_RECIPIENTS)),
+        client=Client.of(request.client_ip or "", request.client_host or ""), user=recipients.spam_user,
+        queue_id=job.scan_id, deadline=min(spam_deadline, job.deadline))
+    return examined, spam, recipients.decide(examined.status, spam, request.on_virus)
+
+
+def _reply(examined, spam, decision, written, entry_id):
+    """(reply bytes, log summary) for the decision (docs/protocol.md)."""
+    headers = []
+    if decision.cause == "virus":  # reject or drop
+        status = "INFECTED"
+        headers += [("Threat", t) for t in examined.threats]
+        headers += [("Engines", ",".join(examined.engines)), ("Action", decision.action)]
+    elif decision.action in (REJECT, TEMPFAIL):  # the spam score, or the spam engine down
+        status = "REFUSED" if decision.action == REJECT else "DEFERRED"
+        headers.append(("Reason", decision.reason))
+    else:
+        status = "CLEAN" if examined.status in ("clean", UNSCANNED) else "CLEANED"
+        headers.append(("Size", str(written)))
+        headers += [("Threat", t) for t in examined.threats]
+        if examined.status == UNSCANNED:
+            headers.append(("Scanned", "no (policy)"))
+        else:
+            headers.append(("Engines", ",".join(examined.engines)))
+    if spam is not None:
+        headers.append(("Spam", spam_header(spam, decision)))
+    if entry_id:
+        headers.append(("Id", entry_id))
+    summary = f"status={status.lower()}"
+    if examined.status == UNSCANNED:
+        summary += " scanned=no (policy)"
     if examined.threats:
         summary += " threats=" + protocol.printable("; ".join(examined.threats))
+    if decision.cause == "virus":
+        summary += " action=" + decision.action
+    if spam is not None:
+        summary += " " + spam.summary()
+    if decision.reason:
+        summary += " reason=" + protocol.printable(decision.reason, 200)
     if entry_id:
         summary += " id=" + entry_id
-    return protocol.format_reply(status.upper(), headers), summary
+    return protocol.format_reply(status, headers), summary
+
+
+def spam_header(spam, decision):
+    """The reply's Spam header: `score=S required=R action=A` (A: deliver, tag, reject,
+    tempfail), or `unknown (why)` when the engine gave no score."""
+    if not spam.known:
+        return f"unknown ({spam.reason})"
+    action = TAG if decision.action == DELIVER and decision.verdict == YES else decision.action
+    return f"score={spam.score:.1f} required={decision.required:.1f} action={action}"
 
 
 # ---- In and Out ---------------------------------------------------------------------
@@ -248,10 +320,10 @@ class _OutWriter:
         return len(data)
 
 
-def _write_out(examined, out_fd, deadline):
+def _write_out(examined, block, out_fd, deadline):
     writer = _OutWriter(out_fd, deadline)
     try:
-        written = examined.write(writer)
+        written = examined.write(writer, block)
         if written != writer.written or os.fstat(out_fd).st_size != written:
             raise Failed("Out changed while it was written")
     except OSError as e:  # a full disk is the administrator's to see, not a bug of ours
@@ -261,20 +333,31 @@ def _write_out(examined, out_fd, deadline):
     return written
 
 
-def _keep(runtime, message, envelope, examined, scan_id, on_virus):
+def _keep(runtime, message, envelope, examined, spam, decision, scan_id, on_virus):
     """Store the original as the settings ask; the quarantine ID, or ''. A message that
-    cannot be stored is not delivered: Failed, and fp-qmail tries again later."""
+    cannot be stored is not delivered: Failed, and fp-qmail tries again later.
+
+    The quarantine keeps what had a threat, and what was refused as spam when
+    FP_SCAND_QUARANTINE_SPAM says so; the backup keeps everything."""
+    status, threats = examined.status, examined.threats
+    refused_spam = decision.action == REJECT and decision.cause == "spam"
+    if refused_spam:
+        status, threats = "spam", [f"Spam ({spam.engine} score {spam.score:.1f})"]
+    if decision.action == DELIVER:
+        fate = fate_of(status, on_virus) if status == "cleaned" else "delivered"
+    else:
+        fate = FATE_OF_ACTION[decision.action]
     entry_id = ""
     stores = []
-    if runtime.quarantine and examined.status != "clean":
+    if runtime.quarantine and (status in ("cleaned", "infected") or
+                               (refused_spam and runtime.settings.quarantine_spam)):
         stores.append(("quarantine", runtime.quarantine))
     if runtime.backup:
         stores.append(("backup", runtime.backup))
     for kind, store in stores:
         try:
-            stored = store.put(message, envelope, kind=kind, status=examined.status,
-                               fate=fate_of(examined.status, on_virus),
-                               threats=examined.threats, engines=examined.engines, scan_id=scan_id)
+            stored = store.put(message, envelope, kind=kind, status=status, fate=fate,
+                               threats=threats, engines=examined.engines, scan_id=scan_id)
         except (OSError, StoreError) as e:
             logger.error("scan %s: cannot store the original in the %s: %s", scan_id, kind, e)
             raise Failed(f"cannot store the original in the {kind}") from None

@@ -17,11 +17,13 @@ recipient, however many sections there are.
 
 A message has one answer for all its recipients (after DATA qmail-smtpd can give only
 one), so decide() combines their policies: **the strictest outcome wins** — for a
-virus reject, then drop, then deliver cleaned (which is a reject when nothing can be
-cleaned); for spam reject, then tempfail, then tag, then deliver. Adding a recipient can therefore never weaken what another
-recipient's policy asks for. A tempfail comes only from a condition that ends (the spam
-engine down, rspamd's soft reject, whose greylisting lets the retry through), so it
-delays the other recipients' copy instead of losing their policy. Only the envelope's
+virus reject, then drop, then deliver cleaned (for a message that cannot be cleaned,
+"deliver cleaned" means what fp-qmail does with it by itself: a reject, or a drop when
+its On-Virus says drop); for spam reject, then tempfail, then tag, then deliver. Adding a
+recipient can therefore never weaken what another recipient's policy asks for. A
+tempfail comes only from a condition that ends (the spam engine down, rspamd's soft
+reject, whose greylisting lets the retry through), so it delays the other recipients'
+copy instead of losing their policy. Only the envelope's
 recipients choose a policy: nothing a caller controls otherwise (the client IP or host
 name fp-qmail passes on, the sender) does.
 """
@@ -30,6 +32,7 @@ from dataclasses import dataclass, fields, replace
 
 from fpqmail import values
 
+from .deadline import check as check_deadline
 from .spam import DELIVER, NO, REJECT, SOFT_REJECT, TAG, UNSCORED, YES
 
 DEFAULT = b"*"
@@ -128,23 +131,39 @@ class PolicyTable:
             domain = domain.partition(b".")[2]
         return self._default
 
-    def for_message(self, recipients) -> "MessagePolicy":
-        return MessagePolicy(recipients, [self.for_recipient(r) for r in recipients])
+    def for_message(self, recipients, deadline=None) -> "MessagePolicy":
+        """The policies of a message's recipients. recipients: an iterable of addresses
+        (repeats allowed), taken one at a time: a message to a million recipients keeps
+        the few distinct policies they have, never a million of anything. deadline: the
+        request's (deadline.check every few thousand recipients)."""
+        recipients = iter(recipients)
+        single = next(recipients, None)
+        distinct = {self.for_recipient(single) if single is not None else self._default: None}
+        if not (self._addresses or self._domains):  # everyone has the default: nothing to look up
+            if any(recipient != single for recipient in recipients):
+                single = None
+            return MessagePolicy(list(distinct), single)
+        for count, recipient in enumerate(recipients):
+            if recipient != single:
+                single = None
+            if count % 4096 == 0:
+                check_deadline(deadline)
+            distinct.setdefault(self.for_recipient(recipient), None)
+        return MessagePolicy(list(distinct), single)
 
 
 class MessagePolicy:
     """The policies of one message's recipients, and what follows for the message."""
 
-    def __init__(self, recipients, policies):
-        self.recipients = list(recipients)
-        self.policies = policies
-        # Many recipients share a few sections: judge each distinct policy once.
-        self.distinct = list(dict.fromkeys(policies))
+    def __init__(self, distinct, single=None):
+        # Many recipients share a few sections: each distinct policy is judged once.
+        self.distinct = distinct
+        self.single = single  # the one recipient address of the message, else None
 
     @property
     def scan(self) -> bool:
         """Scanned (and scored) unless every recipient said scan = no."""
-        return any(p.scan for p in self.distinct) or not self.distinct
+        return any(p.scan for p in self.distinct)
 
     @property
     def spam(self) -> bool:
@@ -154,10 +173,10 @@ class MessagePolicy:
     @property
     def spam_user(self):
         """The address whose per-user scores the engine should use: the recipient of a
-        one-recipient message whose policy asks for it; else None (one score serves
+        message for one address whose policy asks for it; else None (one score serves
         every recipient, so it is the engine's own)."""
-        if len(self.recipients) == 1 and self.policies[0].spam_user:
-            return self.recipients[0]
+        if self.single is not None and self.distinct[0].spam_user:
+            return self.single
         return None
 
     def decide(self, virus_status="clean", spam_result=None, on_virus=None) -> "Decision":
@@ -173,8 +192,10 @@ class MessagePolicy:
             if on_virus:
                 votes.append({"deliver": "clean"}.get(on_virus, on_virus))
             if virus_status == "infected":
-                # Nothing clean to deliver: "clean" means refuse, as fp-qmail does it.
-                votes = ["reject" if vote == "clean" else vote for vote in votes]
+                # Nothing clean to deliver: "clean" means what fp-qmail does with such a
+                # message by itself: its On-Virus drop drops it, anything else refuses it.
+                fallback = DROP if on_virus == DROP else "reject"
+                votes = [fallback if vote == "clean" else vote for vote in votes]
             action = min(votes, key=("reject", "drop", "clean").index)
             if action != "clean":
                 return Decision(REJECT if action == "reject" else DROP, cause="virus")

@@ -46,9 +46,11 @@ TEMP = "tmp"
 CHUNK = 1 << 20
 LEVEL = 3  # zstd's default: fast, and mail compresses well at it
 
-# What fp-qmail does with the message, as far as the daemon knows: the verdict and the
-# request's On-Virus say it (fate_of). Entries stored before fates were recorded: unknown.
-FATES = ("delivered", "rejected", "dropped", "unknown")
+# What fp-qmail does with the message, as far as the daemon knows: the verdict, the
+# policy and the request's On-Virus say it (fate_of, handler.py). Deferred: refused for
+# now (the spam engine down, rspamd's soft reject; a backup keeps those). Entries stored
+# before fates were recorded: unknown.
+FATES = ("delivered", "rejected", "dropped", "deferred", "unknown")
 
 # The .json's fields and their types; an entry missing one, or with one of another
 # type, is damaged: refused with a line that says so, never half shown or released.

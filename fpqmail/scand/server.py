@@ -77,7 +77,7 @@ class Server:
         self._finished = collections.deque()           # (Connection, reply) from the workers
         self._post_r, self._post_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._pings = []                               # connections waiting for the health check
-        self._health = None                            # (time, problem or None) of the last check
+        self._health = None                            # (time, (problem, spam problem)) of the last check
         self._health_running = False
         self._backoff_until = None
         self._stopping = False
@@ -107,8 +107,7 @@ class Server:
         if exposure:
             logger.warning("%s", exposure)
         log.notice("listening on %s with %d workers, queue %d, engines %s",
-                   ", ".join(self.addresses), len(self._workers), settings.queue,
-                   ", ".join(e.name for e in self.runtime.engines))
+                   ", ".join(self.addresses), len(self._workers), settings.queue, _engine_names(self.runtime))
         next_flush = time.monotonic() + 1
         try:
             while not (self._stopping and self._all_done()):
@@ -388,12 +387,20 @@ class Server:
                                  daemon=True).start()
 
     def _check_health(self, runtime):
-        self._post(None, runtime.health())
+        problem = runtime.health()
+        self._post(None, (problem, runtime.spam_health() if problem is None else None))
 
-    def _pong(self, problem):
+    def _pong(self, health):
+        """PONG when every virus engine answers. A spam engine that does not is only
+        reported (Spam: unknown (why)): mail still flows, as the policy's spam-down says."""
+        problem, spam_problem = health
         if problem:
             return protocol.error_reply(problem)
-        return protocol.format_reply("PONG", [("Engines", ",".join(e.name for e in self.runtime.engines))])
+        headers = [("Engines", ",".join(e.name for e in self.runtime.virus_engines))]
+        if self.runtime.spam:
+            headers.append(("Spam", f"unknown ({spam_problem})" if spam_problem else
+                            f"ok ({self.runtime.spam_engine.name})"))
+        return protocol.format_reply("PONG", headers)
 
     # ---- workers ---------------------------------------------------------------------------
 
@@ -478,8 +485,8 @@ class Server:
         self._budget.limit = settings.request_memory
         self._max_connections = self._connection_cap(settings)
         self.runtime = runtime
-        log.notice("SIGHUP: configuration and signatures reloaded; engines %s",
-                   ", ".join(e.name for e in runtime.engines))
+        log.notice("SIGHUP: configuration and signatures reloaded; engines %s; policy %s",
+                   _engine_names(runtime), settings.policy or "none")
 
     def _all_done(self):
         """While stopping: every connection answered (lingering ones do not count)."""
@@ -498,6 +505,13 @@ class Server:
         for worker in self._workers:  # idle ones leave at once; a stuck one is abandoned
             worker.join(max(0, give_up - time.monotonic()))
         log.notice("stopped")
+
+
+def _engine_names(runtime):
+    names = [engine.name for engine in runtime.virus_engines]
+    if runtime.spam:
+        names.append(runtime.spam_engine.name + " (spam)")
+    return ", ".join(names)
 
 
 def _raise_nofile_limit():

@@ -30,7 +30,11 @@ TABLE = (
             "users (names or uids) whose processes may ask for scans on a unix socket; "
             "the daemon's own user always may; anyone may PING"),
     Setting("FP_SCAND_ENGINES", "builtin",
-            "engines, separated by spaces; a message is clean only if every one says so"),
+            "engines, separated by spaces; a message is clean only if every virus engine "
+            "says so; at most one spam engine (rspamd:..., spamd:...) scores it"),
+    Setting("FP_SCAND_POLICY", "",
+            "the policy file (fpqmail-policy(5)), read at start and on SIGHUP; empty: none, "
+            "the defaults for every recipient"),
     Setting("FP_SCAND_TMPDIR", "",
             "the only directory whose fi/fo files are served and cleaned; "
             "empty: FP_QMAIL_TMPDIR from the same file, else /tmp"),
@@ -50,6 +54,8 @@ TABLE = (
             "seconds a request may take from accept to reply (then ERROR); keep it "
             "below fp-qmail's FP_QMAIL_TIMEOUT so that fp-qmail hears why"),
     Setting("FP_SCAND_QUARANTINE", "", "directory for infected originals; empty: none kept"),
+    Setting("FP_SCAND_QUARANTINE_SPAM", "no",
+            "yes: the quarantine also keeps the originals of messages refused as spam"),
     Setting("FP_SCAND_BACKUP", "", "directory for a copy of every message; empty: none kept"),
     Setting("FP_SCAND_JANITOR_INTERVAL", "60", "seconds between two sweeps for stale temp files"),
     Setting("FP_SCAND_STALE_AGE", "600",
@@ -81,6 +87,7 @@ class Settings:
     listen: tuple[str, ...]
     clients: tuple[str, ...]
     engines: tuple[str, ...]
+    policy: str        # the policy file, or ""
     tmpdir: str
     workers: int
     queue: int
@@ -89,6 +96,7 @@ class Settings:
     request_memory: int  # bytes
     timeout: float
     quarantine: str
+    quarantine_spam: bool
     backup: str
     janitor_interval: float
     stale_age: float
@@ -112,15 +120,17 @@ def load(config_path, overrides, required=False) -> Settings:
         listen=_listen(raw, "FP_SCAND_LISTEN"),
         clients=tuple(words(raw, "FP_SCAND_CLIENTS")),
         engines=tuple(raw["FP_SCAND_ENGINES"].split()),
-        tmpdir=_directory(raw, "FP_SCAND_TMPDIR"),
+        policy=_optional_path(raw, "FP_SCAND_POLICY"),
+        tmpdir=_path(raw, "FP_SCAND_TMPDIR"),
         workers=number(raw, "FP_SCAND_WORKERS", 1, 1024, int),
         queue=number(raw, "FP_SCAND_QUEUE", 0, 100000, int),
         connections=number(raw, "FP_SCAND_CONNECTIONS", 1, 1000000, int),
         peer_connections=number(raw, "FP_SCAND_PEER_CONNECTIONS", 1, 1000000, int),
         request_memory=number(raw, "FP_SCAND_REQUEST_MEMORY", 1, 1 << 20, int) << 20,
         timeout=number(raw, "FP_SCAND_TIMEOUT", 1, 86400),
-        quarantine=_optional_directory(raw, "FP_SCAND_QUARANTINE"),
-        backup=_optional_directory(raw, "FP_SCAND_BACKUP"),
+        quarantine=_optional_path(raw, "FP_SCAND_QUARANTINE"),
+        quarantine_spam=_flag(raw, "FP_SCAND_QUARANTINE_SPAM"),
+        backup=_optional_path(raw, "FP_SCAND_BACKUP"),
         janitor_interval=number(raw, "FP_SCAND_JANITOR_INTERVAL", 0.1, 86400),
         stale_age=number(raw, "FP_SCAND_STALE_AGE", 1, 86400 * 30),
         socket_mode=_mode(raw, "FP_SCAND_SOCKET_MODE"),
@@ -181,15 +191,22 @@ def _mode(raw, key):
     return value
 
 
-def _directory(raw, key):
+def _flag(raw, key):
+    try:
+        return values.flag(raw[key].strip())
+    except ValueError as e:
+        raise SettingsError(f"{key}={values.printable(raw[key], 100)!r}: {e}") from None
+
+
+def _path(raw, key):
     try:
         return values.absolute_path(raw[key])
     except ValueError as e:
         raise SettingsError(f"{key}={values.printable(raw[key], 100)!r}: {e}") from None
 
 
-def _optional_directory(raw, key):
-    return _directory(raw, key) if raw[key] else ""
+def _optional_path(raw, key):
+    return _path(raw, key) if raw[key] else ""
 
 
 def _listen(raw, key):

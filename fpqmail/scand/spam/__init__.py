@@ -21,12 +21,17 @@ from fpqmail.values import printable
 
 from ..engines import EngineError
 from ..engines.endpoints import BACKOFF, Endpoints
+from ..headers import fold, listed
+from ..settings import number
 
 #: the largest message scored, in bytes: spamc's default (500 KB); a larger message is
 #: not sent and gets the outcome 'unknown' (skipped)
 MAX_SIZE = 512_000
 CONNECT_TIMEOUT = 5.0
 TIMEOUT = 30.0
+#: the most recipients sent to an engine (rspamd's default max_recipients: it ignores
+#: the rest); the rest of a message's recipients still count for the policy
+MAX_RECIPIENTS = 1024
 #: the most of an engine's reply read (rspamd's JSON names every symbol and its options)
 MAX_REPLY = 4 << 20
 #: the most symbols kept for the header and the log, and the longest name
@@ -41,7 +46,6 @@ DELIVER, TAG, REJECT, SOFT_REJECT, GREYLIST, UNKNOWN = (
 #: the verdicts of X-Spam-Status
 YES, NO, UNSCORED = "Yes", "No", "Unknown"
 
-HEADER_WIDTH = 78
 _UNSAFE = re.compile(rb"[\x00-\x1f\x7f]")  # never in a request header of ours
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
@@ -121,9 +125,10 @@ class SpamEngine:
         except EngineError as e:
             return unknown(self.name, str(e))
 
-    def ping(self):
-        """Health check: return if some endpoint answers, else raise EngineError."""
-        self._endpoints.ask(lambda sock, unix: self._ping(sock))
+    def ping(self, deadline=None):
+        """Health check: return if some endpoint answers (by deadline, a
+        time.monotonic() value, if given), else raise EngineError."""
+        self._endpoints.ask(lambda sock, unix: self._ping(sock), deadline)
 
     def reload(self):
         pass  # the engines reload their own rules
@@ -143,9 +148,28 @@ class SpamEngine:
         raise NotImplementedError
 
 
+#: the kinds of spam engine, as an engine spec names them
+KINDS = ("rspamd", "spamd")
+
+
+def is_spam_spec(spec):
+    return spec.partition(":")[0] in KINDS
+
+
+def options_from(settings) -> dict:
+    """The spam engine's options from the daemon's FP_SCAND_* settings (an unset or
+    empty key takes the default above); SettingsError names a bad one."""
+    return {
+        "connect_timeout": number(settings, "FP_SCAND_SPAM_CONNECT_TIMEOUT", 0.001, 86400, default=CONNECT_TIMEOUT),
+        "timeout": number(settings, "FP_SCAND_SPAM_TIMEOUT", 0.001, 86400, default=TIMEOUT),
+        "max_size": number(settings, "FP_SCAND_SPAM_MAX_SIZE", 0, 1 << 40, int, default=MAX_SIZE),
+    }
+
+
 def make_spam_engine(spec, **options) -> SpamEngine:
     """An engine from `rspamd:ENDPOINTS` or `spamd:ENDPOINTS`; options as SpamEngine
-    takes them. ValueError for anything else."""
+    takes them (options_from() reads them from the settings). ValueError for anything
+    else."""
     kind, _, endpoints = spec.partition(":")
     if kind == "rspamd" and endpoints:
         from .rspamd import RspamdEngine
@@ -238,8 +262,8 @@ def peer_name(sock):
 # ---- the headers of a scored message -------------------------------------------------
 
 def header_block(result, verdict, required, newline=b"\n") -> bytes:
-    """The spam headers a message gets, in its own line ending (newline), folded before
-    HEADER_WIDTH where a line can be, printable ASCII:
+    """The spam headers a message gets, in its own line ending (newline), folded (by
+    headers.fold, as X-Antivirus is) where a line can be, printable ASCII:
 
         X-Spam-Status: Yes, score=S required=R tests=NAME,NAME,...
         X-Spam-Score: S
@@ -253,26 +277,12 @@ def header_block(result, verdict, required, newline=b"\n") -> bytes:
     score = f"{result.score:.1f}"
     status = f"X-Spam-Status: {verdict}, score={score} required={required:.1f}"
     if result.symbols:
-        status += _fold("tests=", list(result.symbols), len(status), newline.decode("ascii"))
+        pieces = listed(list(result.symbols))
+        pieces[0] = "tests=" + pieces[0]
+        status += fold(pieces, len(status), newline.decode("ascii"), gap="")
     lines = [status, f"X-Spam-Score: {score}"]
     if verdict == YES:
         lines.append("X-Spam-Flag: YES")
     # Symbol names are printable already (symbol_names); the rest is ours.
     return "".join(line + newline.decode("ascii") for line in lines).encode("ascii")
 
-
-def _fold(lead, items, column, newline):
-    """lead + items joined by commas, folded (newline + tab) before a piece that would
-    pass HEADER_WIDTH; the lead and the first item are one piece."""
-    pieces = [(lead.lstrip() if k == 0 else "") + item + ("," if k + 1 < len(items) else "")
-              for k, item in enumerate(items)]
-    out = ""
-    for k, piece in enumerate(pieces):
-        gap = " " if k == 0 else ""
-        if column + len(gap) + len(piece) > HEADER_WIDTH:
-            out += newline + "\t" + piece
-            column = 1 + len(piece)
-        else:
-            out += gap + piece
-            column += len(gap) + len(piece)
-    return out

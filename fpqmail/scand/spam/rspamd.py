@@ -18,8 +18,8 @@ import math
 
 from fpqmail.values import printable
 
-from . import (DELIVER, GREYLIST, MAX_TEXT, REJECT, SOFT_REJECT, TAG, Client, SpamEngine, SpamResult,
-               header_value, peer_name, read_reply, send, symbol_names)
+from . import (DELIVER, GREYLIST, MAX_RECIPIENTS, MAX_TEXT, REJECT, SOFT_REJECT, TAG, Client, SpamEngine,
+               SpamResult, header_value, peer_name, read_reply, send, symbol_names)
 from ..engines import EngineError
 
 #: rspamd's actions and what they are here. rspamd's `greylist` action only says the
@@ -39,8 +39,6 @@ ACTIONS = {
 }
 # An action this table does not know (a newer rspamd's) counts as tag: the message
 # keeps its score and headers, and the policy's own thresholds still apply.
-#: rspamd's default max_recipients: recipients past it are not sent
-MAX_RCPT = 1024
 
 
 class RspamdEngine(SpamEngine):
@@ -53,7 +51,7 @@ class RspamdEngine(SpamEngine):
         sender = header_value(sender) if sender else b"<>"
         if sender is not None:
             lines.append(b"From: " + sender)
-        for recipient in recipients[:MAX_RCPT]:
+        for recipient in recipients[:MAX_RECIPIENTS]:
             if header_value(recipient) is not None:
                 lines.append(b"Rcpt: " + recipient)
         client = client or Client()
