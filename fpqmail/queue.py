@@ -111,7 +111,7 @@ class Fail(Exception):
 # ---- logging: syslog, facility mail, opened only when a line is due --------------
 
 loglevel = 4
-log_stderr = False
+log_stderr = None  # not known before the environment is looked at: stderr too, as the launcher's lines
 log_opened = False
 
 
@@ -120,7 +120,7 @@ def log(priority, text):
     if priority > loglevel:
         return
     if not log_opened:
-        options = syslog.LOG_PID | (syslog.LOG_PERROR if log_stderr else 0)
+        options = syslog.LOG_PID | (0 if log_stderr is False else syslog.LOG_PERROR)
         syslog.openlog("fp-qmail", options, syslog.LOG_MAIL)
         log_opened = True
     syslog.syslog(priority, text)
@@ -600,21 +600,26 @@ summary = {"sender": "?", "rcpts": "?", "size": "?", "threats": "-", "spam": ""}
 
 
 def main():
+    global dying
     summary["started"] = time.monotonic()
-    caller_signals = take_signals()
-    set_alarm(86400, TIMED_OUT)
-    posix.umask(0o077)
-    # The caller may have closed 0, 1 or 2: our files must never take those numbers.
-    # /dev/null write-only in their place makes reading 0 or 1 fail, as it should.
-    for fd in (0, 1, 2):
-        try:
-            posix.get_inheritable(fd)  # fcntl(F_GETFD): EBADF if it is closed
-        except OSError:
-            posix.dup2(posix.open("/dev/null", posix.O_WRONLY), fd)
-    fd6 = fd6_writable()  # before we open anything that could become fd 6
+    fd6 = False
+    # Everything in the try: once take_signals() has set on_signal, a signal may land at
+    # any line, and its Fail must end here as an interruption, not escape as a bug.
     try:
+        caller_signals = take_signals()
+        set_alarm(86400, TIMED_OUT)
+        posix.umask(0o077)
+        # The caller may have closed 0, 1 or 2: our files must never take those numbers.
+        # /dev/null write-only in their place makes reading 0 or 1 fail, as it should.
+        for fd in (0, 1, 2):
+            try:
+                posix.get_inheritable(fd)  # fcntl(F_GETFD): EBADF if it is closed
+            except OSError:
+                posix.dup2(posix.open("/dev/null", posix.O_WRONLY), fd)
+        fd6 = fd6_writable()  # before we open anything that could become fd 6
         code, verdict, reason = attempt(fd6, caller_signals)
-    except BaseException as e:  # a signal that landed as attempt() began to handle a failure
+    except BaseException as e:  # before attempt(), or as it began to handle a failure
+        dying = True
         code, reason = failure(e, fd6)
         verdict = "failed"
     remove_names(spool)
@@ -661,6 +666,8 @@ def failure(e, fd6):
         return e.code, e.reason
     if isinstance(e, MemoryError):
         return OUT_OF_MEMORY, "out of memory"
+    if isinstance(e, KeyboardInterrupt):  # SIGINT before take_signals() replaced CPython's handler
+        return INTERRUPTED, "interrupted by signal %d" % _signal.SIGINT
     return INTERNAL, "internal error: %s: %s" % (type(e).__name__, printable(str(e), 200))
 
 
