@@ -43,7 +43,8 @@ import _signal  # noqa: E402
 # Exit codes (qmail-queue's, see README.md). Every failure path below raises Fail with
 # exactly one of these names.
 ADDRESS_TOO_LONG = 11     # an envelope address of 1003 bytes or more
-REJECTED = 31             # infected and rejected by policy, or REFUSED by the scanner; fd 6 not open
+REJECTED = 31             # infected and rejected by policy, REFUSED by the scanner, or over
+                          # FP_QMAIL_MAX_SIZE; fd 6 not open
 OUT_OF_MEMORY = 51        # also: an envelope larger than ENVELOPE_MAX
 TIMED_OUT = 52            # our own 24-hour alarm, as qmail-queue's
 WRITE_FAILED = 53         # creating or writing the temp files: disk full, read-only, no O_TMPFILE...
@@ -88,6 +89,7 @@ DEFAULTS = {
     "FP_QMAIL_ON_ERROR": "tempfail",
     "FP_QMAIL_REJECT_TEXT": "This message contains a virus ({threats}) and was rejected (#5.7.1)",
     "FP_QMAIL_LOG_STDERR": "no",
+    "FP_QMAIL_MAX_SIZE": "52428800",
 }
 # Settings naming a file or a program: under setuid even a trusted caller's environment
 # must not choose them, or a compromised qmail-smtpd could make us run or write
@@ -109,7 +111,7 @@ class Fail(Exception):
 # ---- logging: syslog, facility mail, opened only when a line is due --------------
 
 loglevel = 4
-log_stderr = False
+log_stderr = None  # not known before the environment is looked at: stderr too, as the launcher's lines
 log_opened = False
 
 
@@ -118,7 +120,7 @@ def log(priority, text):
     if priority > loglevel:
         return
     if not log_opened:
-        options = syslog.LOG_PID | (syslog.LOG_PERROR if log_stderr else 0)
+        options = syslog.LOG_PID | (0 if log_stderr is False else syslog.LOG_PERROR)
         syslog.openlog("fp-qmail", options, syslog.LOG_MAIL)
         log_opened = True
     syslog.syslog(priority, text)
@@ -373,9 +375,12 @@ def remove_names(names):
             pass
 
 
-def copy(src, dst, what):
+def copy(src, dst, what, limit=0):
     """Copy src to end of file into dst without growing memory: splice(2) when src is
-    a pipe (no copy through user space), read/write otherwise. Returns the byte count."""
+    a pipe (no copy through user space), read/write otherwise. Returns the byte count.
+    With a limit, what comes past it is read to end of file and thrown away (the
+    caller's writes must go through for it to hear our exit code), never kept: the
+    count returned is then over the limit."""
     total = 0
     try:
         while True:
@@ -383,6 +388,9 @@ def copy(src, dst, what):
             if not n:
                 return total
             total += n
+            if limit and total > limit:
+                dst = posix.open("/dev/null", posix.O_WRONLY | posix.O_CLOEXEC)
+                limit = 0  # dst now discards: the rest costs a read, no disk
     except OSError as e:
         if e.errno != EINVAL or total:
             raise copy_failure(e, what)
@@ -395,13 +403,15 @@ def copy(src, dst, what):
             raise Fail(READ_FAILED, "cannot read %s: %s" % (what, e.strerror))
         if not n:
             return total
+        total += n
+        if limit and total > limit:
+            continue
         done = 0
         while done < n:
             try:
                 done += posix.write(dst, view[done:n])
             except OSError as e:
                 raise copy_failure(e, what)
-        total += n
 
 
 def copy_failure(e, what):
@@ -590,21 +600,26 @@ summary = {"sender": "?", "rcpts": "?", "size": "?", "threats": "-", "spam": ""}
 
 
 def main():
+    global dying
     summary["started"] = time.monotonic()
-    caller_signals = take_signals()
-    set_alarm(86400, TIMED_OUT)
-    posix.umask(0o077)
-    # The caller may have closed 0, 1 or 2: our files must never take those numbers.
-    # /dev/null write-only in their place makes reading 0 or 1 fail, as it should.
-    for fd in (0, 1, 2):
-        try:
-            posix.get_inheritable(fd)  # fcntl(F_GETFD): EBADF if it is closed
-        except OSError:
-            posix.dup2(posix.open("/dev/null", posix.O_WRONLY), fd)
-    fd6 = fd6_writable()  # before we open anything that could become fd 6
+    fd6 = False
+    # Everything in the try: once take_signals() has set on_signal, a signal may land at
+    # any line, and its Fail must end here as an interruption, not escape as a bug.
     try:
+        caller_signals = take_signals()
+        set_alarm(86400, TIMED_OUT)
+        posix.umask(0o077)
+        # The caller may have closed 0, 1 or 2: our files must never take those numbers.
+        # /dev/null write-only in their place makes reading 0 or 1 fail, as it should.
+        for fd in (0, 1, 2):
+            try:
+                posix.get_inheritable(fd)  # fcntl(F_GETFD): EBADF if it is closed
+            except OSError:
+                posix.dup2(posix.open("/dev/null", posix.O_WRONLY), fd)
+        fd6 = fd6_writable()  # before we open anything that could become fd 6
         code, verdict, reason = attempt(fd6, caller_signals)
-    except BaseException as e:  # a signal that landed as attempt() began to handle a failure
+    except BaseException as e:  # before attempt(), or as it began to handle a failure
+        dying = True
         code, reason = failure(e, fd6)
         verdict = "failed"
     remove_names(spool)
@@ -651,6 +666,8 @@ def failure(e, fd6):
         return e.code, e.reason
     if isinstance(e, MemoryError):
         return OUT_OF_MEMORY, "out of memory"
+    if isinstance(e, KeyboardInterrupt):  # SIGINT before take_signals() replaced CPython's handler
+        return INTERRUPTED, "interrupted by signal %d" % _signal.SIGINT
     return INTERNAL, "internal error: %s: %s" % (type(e).__name__, printable(str(e), 200))
 
 
@@ -680,6 +697,7 @@ def scan_and_queue(fd6, caller_signals):
     on_virus = setting(settings, "FP_QMAIL_ON_VIRUS", choice, ("deliver", "reject", "drop"))
     on_error = setting(settings, "FP_QMAIL_ON_ERROR", choice, ("tempfail", "pass"))
     text = setting(settings, "FP_QMAIL_REJECT_TEXT", reject_text)
+    max_size = setting(settings, "FP_QMAIL_MAX_SIZE", values.number, 0, 1 << 50, int)
 
     # 1. The message, then the envelope: qmail's callers write them in that order. A
     # unix-socket scanner gets the files as descriptors: they need no name. Over TCP the
@@ -692,7 +710,7 @@ def scan_and_queue(fd6, caller_signals):
         fi = fo = None
         fi_fd = nameless_file(tmpdir)
         fo_fd = nameless_file(tmpdir)
-    size = summary["size"] = copy(0, fi_fd, "the message")
+    size = summary["size"] = copy(0, fi_fd, "the message", max_size)
     data = read_envelope()
     code, length = check_envelope(data)
     if code:
@@ -702,6 +720,9 @@ def scan_and_queue(fd6, caller_signals):
     envelope = data[:length]
     summary["sender"] = printable(envelope[1:envelope.index(b"\0")], 200)
     summary["rcpts"] = envelope.count(b"\0") - 2
+    if max_size and size > max_size:  # permanent, as qmail-smtpd's own databytes limit
+        said = "message size exceeds the limit of %d bytes (#5.3.4)" % max_size
+        return refuse(fd6, REJECTED, b"D", said), "refused", said
 
     # 2. The scan.
     head = b"FPQMAIL/1 SCAN\nSize: %d\nEnvelope: %d\n" % (size, len(envelope))

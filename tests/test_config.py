@@ -97,6 +97,7 @@ def test_huge_config_is_exit_55(rig):
     ("FP_QMAIL_SCANNER", b"\xff:11200"), ("FP_QMAIL_SCANNER", "127.0.0.1:\u00b9"),
     ("FP_QMAIL_SCANNER", "127.0.0.1:" + "1" * 5000), ("FP_QMAIL_SCANNER", "/run/sock\u00e9t"),
     ("FP_QMAIL_REJECT_TEXT", ""), ("FP_QMAIL_REJECT_TEXT", "ab"), ("FP_QMAIL_REJECT_TEXT", "\r\nx\r\n"),
+    ("FP_QMAIL_MAX_SIZE", "50M"), ("FP_QMAIL_MAX_SIZE", "-1"), ("FP_QMAIL_MAX_SIZE", "1.5"),
 ], ids=lambda v: repr(v)[:40])
 def test_a_value_that_cannot_be_parsed_is_exit_55_naming_key_and_value(rig, key, value):
     scanner = rig.scan_with(sd.clean)

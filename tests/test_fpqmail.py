@@ -479,13 +479,50 @@ def test_message_fd_a_directory_is_a_read_error(rig, tmp_path):
 def test_100MB_message_streams_with_bounded_memory(rig):
     rig.scan_with(sd.clean)
     chunk = os.urandom(1 << 20)
-    r = rig.run(message=(chunk for _ in range(100)), timeout=300, measure_rss=True)
+    r = rig.run(message=(chunk for _ in range(100)), timeout=300, measure_rss=True,
+                env={"FP_QMAIL_MAX_SIZE": "0"})  # no limit of its own: the daemon's counts
     assert r.code == 0, r
     [(message, _, _)] = r.delivered
     assert len(message) == len(sd.HEADER) + 100 * len(chunk)
     assert message[len(sd.HEADER):len(sd.HEADER) + len(chunk)] == chunk
     # The peak of fp-qmail and, after its exec, of the stand-in: both stream.
     assert r.maxrss_kb < 40 * 1024, r.maxrss_kb
+
+
+def _fed(chunks, sent):
+    """chunks, noting each one the reader took (its write went through) in sent."""
+    for chunk in chunks:
+        yield chunk
+        sent.append(len(chunk))
+
+
+@pytest.mark.parametrize("fd6", [True, False])
+def test_a_message_over_the_size_limit_is_refused_after_reading_it_without_keeping_it(rig, fd6):
+    """Past FP_QMAIL_MAX_SIZE the rest is read (the caller's writes go through and it hears
+    the exit code) but never written: a file size limit of 3 MiB on fp-qmail holds for a
+    64 MiB message, which a copy to the end would break (EFBIG)."""
+    scanner = rig.scan_with(sd.clean)
+    sent = []
+    chunks = [os.urandom(1 << 20) for _ in range(64)]
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))
+
+    r = rig.run(message=_fed(chunks, sent), env={"FP_QMAIL_MAX_SIZE": str(1 << 20)}, fd6=fd6,
+                preexec=small_files, timeout=120)
+    assert sum(sent) == 64 << 20, "fp-qmail stopped reading the message"
+    if fd6:
+        assert (r.code, r.fd6_text) == (82, b"Dmessage size exceeds the limit of 1048576 bytes (#5.3.4)"), r
+    else:
+        assert r.code == 31, r
+    assert r.delivered == [] and scanner.requests == []
+    assert "size=%d verdict=refused" % (64 << 20) in r.stderr
+
+
+def test_a_message_of_exactly_the_size_limit_is_scanned(rig):
+    scanner = rig.scan_with(sd.clean)
+    r = rig.run(message=b"x" * 4096, env={"FP_QMAIL_MAX_SIZE": "4096"})
+    assert r.code == 0 and len(r.delivered) == 1 and len(scanner.requests) == 1, r
 
 
 # ---- signals -----------------------------------------------------------------------------------

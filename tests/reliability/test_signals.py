@@ -13,12 +13,13 @@ What each signal does to fp-qmail (fp-qmail(8), SIGNALS), checked one by one:
 - the rest (CHLD, CONT, URG, WINCH; the stop signals, then CONT): change nothing.
 """
 import signal
+import sys
 import time
 
 import pytest
 
 import scanner_double as sd
-from conftest import MESSAGE, envelope
+from conftest import MESSAGE, REPO, envelope
 
 from .checks import SUCCESS, TEMPORARY, held
 from .conftest import dead
@@ -135,3 +136,31 @@ def test_sigint_in_the_first_milliseconds(rig, delay_ms, request):
         for path in rig.queue_dir.iterdir():
             path.unlink()
     request.node.user_properties.append(("exit codes", outcomes))
+
+
+# fp-qmail as Python code, with a signal sent to itself at one chosen step: right after
+# take_signals() set the handlers, before the settings or anything of the message. (The
+# binary's test_a_signal_in_its_first_milliseconds_never_crashes_it hits this window
+# only now and then, by timing.)
+SIGNAL_AFTER_TAKING_THEM = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from fpqmail import queue
+real = queue.set_alarm
+def set_alarm(seconds, code):
+    os.kill(os.getpid(), int(sys.argv[2]))
+    real(seconds, code)
+queue.set_alarm = set_alarm
+queue.main()
+"""
+
+
+@fault("fp-qmail: every catchable signal")
+@pytest.mark.parametrize("signum", [S.SIGTERM, S.SIGINT, S.SIGHUP], ids=name)
+def test_a_signal_right_after_the_handlers_are_set_is_an_interruption(rig, syslog, signum):
+    scanner = rig.scan_with(sd.clean, tcp=True)
+    r = rig.run(command=[sys.executable, "-c", SIGNAL_AFTER_TAKING_THEM, str(REPO), str(int(signum))],
+                preexec=syslog.enter)
+    assert r.code == 71 and "Traceback" not in r.stderr, r
+    syslog.wait_for("interrupted by signal %d" % signum, priority=syslog.MAIL_ERR)
+    assert r.delivered == [] and scanner.requests == []
