@@ -91,6 +91,9 @@ DEFAULTS = {
     "FP_QMAIL_LOG_STDERR": "no",
     "FP_QMAIL_MAX_SIZE": "52428800",
 }
+# FP_QMAIL_ON_VIRUS, from the least strict to the strictest; a scanner's Action may ask
+# for one of the last two, and the stricter of the two wins.
+VIRUS_ACTIONS = ("deliver", "drop", "reject")
 # Settings naming a file or a program: under setuid even a trusted caller's environment
 # must not choose them, or a compromised qmail-smtpd could make us run or write
 # something of its own as qmailq.
@@ -543,14 +546,10 @@ def parse_reply(reply):
         if not fields.get(key) or not all(fields[key]):
             raise Fail(SCANNER_GARBLED, "scanner reply %s without %s" % (status, key.title()), True)
     action = fields.get("action")
-    if action is not None and (status != "INFECTED" or len(action) != 1 or action[0] not in ("reject", "drop")):
+    if action is not None and (status != "INFECTED" or len(action) != 1 or action[0] not in VIRUS_ACTIONS[1:]):
         raise Fail(SCANNER_GARBLED, "scanner reply %s with Action %r" % (status, printable(",".join(action), 200)),
                    True)
     return status, fields
-
-
-# What to do with a message with a virus, from the least strict to the strictest.
-VIRUS_ACTIONS = ("deliver", "drop", "reject")
 
 
 def announced_size(fields, fo_fd):
@@ -694,7 +693,7 @@ def scan_and_queue(fd6, caller_signals):
     tmpdir = setting(settings, "FP_QMAIL_TMPDIR", values.absolute_path)
     group_access = setting(settings, "FP_QMAIL_GROUP_ACCESS", values.flag)
     queue = setting(settings, "FP_QMAIL_QUEUE", values.absolute_path)
-    on_virus = setting(settings, "FP_QMAIL_ON_VIRUS", choice, ("deliver", "reject", "drop"))
+    on_virus = setting(settings, "FP_QMAIL_ON_VIRUS", choice, VIRUS_ACTIONS)
     on_error = setting(settings, "FP_QMAIL_ON_ERROR", choice, ("tempfail", "pass"))
     text = setting(settings, "FP_QMAIL_REJECT_TEXT", reject_text)
     max_size = setting(settings, "FP_QMAIL_MAX_SIZE", values.number, 0, 1 << 50, int)
